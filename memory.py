@@ -1,0 +1,128 @@
+"""Product-key memory layers (Lample et al. 2019; Berges et al. 2024, "Memory Layers at Scale").
+
+A memory layer replaces a feed-forward block. Each token makes `heads` queries; each query is split in
+two halves that are scored against two small sub-key tables; the Cartesian product of the two tables
+is the full key set (n_keys**2 keys, never materialised). The top-knn keys of every head index rows of
+one value table; the token's output is the softmax-weighted sum of those heads*knn rows (one bag).
+Memory+ gates that read with a SiLU branch of the input and projects it back ("swilu").
+
+The value table is not owned by the layer: the model owns it and passes it in at call time, so several
+layers can share one table without global state.
+"""
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import embedding_bag
+
+
+class ValueTable(nn.Module):
+    """The memory's values: (n_keys**2, v_dim) rows, read a few at a time by the memory layers."""
+
+    def __init__(self, num_values, v_dim):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_values, v_dim))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_ranks(knn, device):
+    """Rank pairs (a, b) with (a+1)*(b+1) <= knn: the only candidates that can make the top-knn.
+
+    With both halves sorted, the pair of ranks (a, b) is beaten or tied by every (a', b') with a' <= a
+    and b' <= b, (a+1)*(b+1) pairs in all, itself included; so when that exceeds knn the pair is never
+    needed. This keeps about knn*ln(knn) of the knn*knn candidates (119 of 1024 at knn=32).
+    """
+    pairs = [(a, b) for a in range(knn) for b in range(knn // (a + 1))]
+    return tuple(torch.tensor(r, device=device) for r in zip(*pairs))
+
+
+@torch.no_grad()
+def product_key_topk(s1, s2, knn):
+    """Exact top-knn over all n_keys**2 sums s1[i] + s2[j], without scoring them all.
+
+    s1, s2: (..., n_keys) half scores. Any key of the global top-knn has both halves in their own
+    half's top-knn, and only the rank pairs of `candidate_ranks` can win. The winners' (i, j) are
+    recovered from their position among the candidates, so no candidate index tensor is built.
+    Returns (i, j), each (..., knn) int64, best first; the full key index is i * n_keys + j.
+    """
+    v1, i1 = s1.topk(knn, dim=-1)  # sorted, best first
+    v2, i2 = s2.topk(knn, dim=-1)
+    a, b = candidate_ranks(knn, s1.device)
+    pos = (v1[..., a] + v2[..., b]).topk(knn, dim=-1).indices  # (..., knn) positions among candidates
+    return i1.gather(-1, a[pos]), i2.gather(-1, b[pos])
+
+
+class ProductKeyMemory(nn.Module):
+    """One memory layer: query projection, per-head sub-keys, product top-k, one summed bag, optional swilu.
+
+    Scores are plain dot products (no 1/sqrt(d)) as in the paper, unless qk_norm is on: then each query
+    half (with a learned gain) and each sub-key row are RMS-normalised and the scores scaled by
+    1/sqrt(k_dim/2), which bounds them and is what the paper suggests for unstable small models.
+    """
+
+    def __init__(self, dim, n_keys, heads, knn, k_dim, v_dim, swilu=True, qk_norm=False):
+        super().__init__()
+        self.dim, self.n_keys, self.heads, self.knn = dim, n_keys, heads, knn
+        self.k_dim, self.v_dim, self.swilu, self.qk_norm = k_dim, v_dim, swilu, qk_norm
+        self.query = nn.Linear(dim, heads * k_dim, bias=True)
+        # sub_keys[h, 0] scores the first half of head h's query, sub_keys[h, 1] the second.
+        self.sub_keys = nn.Parameter(torch.empty(heads, 2, n_keys, k_dim // 2))
+        if qk_norm:
+            self.query_gain = nn.Parameter(torch.ones(2, k_dim // 2))
+        if swilu:
+            self.w1 = nn.Linear(dim, v_dim, bias=True)
+            self.w2 = nn.Linear(v_dim, dim, bias=True)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """The official initialisation, with every bias zero."""
+        bound = 1 / math.sqrt(self.k_dim)
+        nn.init.uniform_(self.sub_keys, -bound, bound)
+        nn.init.xavier_uniform_(self.query.weight)
+        nn.init.zeros_(self.query.bias)
+        if self.qk_norm:
+            nn.init.ones_(self.query_gain)
+        if self.swilu:
+            for lin in (self.w1, self.w2):
+                nn.init.normal_(lin.weight, std=self.dim ** -0.5)
+                nn.init.zeros_(lin.bias)
+
+    def half_scores(self, x):
+        """Scores of every token's query halves against every sub-key: two (tokens, heads, n_keys), fp32."""
+        dtype = torch.promote_types(self.sub_keys.dtype, torch.float32)  # fp32, or fp64 for checks
+        q = self.query(x).to(dtype).view(-1, self.heads, 2, self.k_dim // 2)
+        keys = self.sub_keys.to(dtype)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.k_dim // 2,)) * self.query_gain.float()
+            keys = F.rms_norm(keys, (self.k_dim // 2,)) / math.sqrt(self.k_dim // 2)
+        with torch.autocast(q.device.type, enabled=False):  # keep the search in fp32 under autocast
+            s = torch.einsum("thpk,hpnk->thpn", q, keys)
+        return s[:, :, 0], s[:, :, 1]
+
+    def lookup(self, x):
+        """The rows each token reads and their weights: two (tokens, heads*knn), indices int64, weights fp32.
+
+        Each head's weights are a softmax over its knn scores (fp32), so a token's weights sum to heads.
+        """
+        s1, s2 = self.half_scores(x)
+        i, j = product_key_topk(s1, s2, self.knn)
+        scores = s1.gather(-1, i) + s2.gather(-1, j)  # differentiable in the query and the sub-keys
+        weights = F.softmax(scores, dim=-1)
+        return (i * self.n_keys + j).flatten(1), weights.flatten(1)
+
+    def forward(self, x, values):
+        """x (..., dim) -> (..., dim); values: the ValueTable this layer reads."""
+        shape = x.shape
+        x = x.reshape(-1, self.dim)
+        indices, weights = self.lookup(x)
+        y = embedding_bag(values.weight, indices, weights)
+        if self.swilu:
+            y = self.w2(y.to(x.dtype) * F.silu(self.w1(x)))
+        return y.reshape(shape[:-1] + (y.shape[-1],)).to(x.dtype)

@@ -1,0 +1,302 @@
+"""A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU or product-key memory.
+
+RMSNorm, rotary position embeddings, causal scaled-dot-product attention, SwiGLU FFN, no biases in
+attention or FFN. The model owns the memory value tables (one shared by all memory layers, or one per
+layer) and hands them to the memory layers at call time: no global state, two models never share.
+"""
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from memory import ProductKeyMemory, ValueTable, candidate_ranks
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the setting and how to fix it."""
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 50304
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 * n_embd rounded up to a multiple of 64
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    # memory layers (DESIGN.md section 1); 0-based layer indices that get a memory layer
+    memory_layers: tuple = ()
+    mem_n_keys: int = 128  # sub-keys per half: n_keys**2 values
+    mem_heads: int = 4
+    mem_knn: int = 32
+    mem_k_dim: int = 0  # query size per head; 0: n_embd // 2
+    mem_v_dim: int = 0  # value size; 0: n_embd (must be n_embd without swilu)
+    mem_share_values: bool = True  # one table for all memory layers (Memory+) or one each
+    mem_swilu: bool = True  # Memory+ gated output projection
+    mem_qk_norm: bool = False
+
+    def __post_init__(self):
+        self.memory_layers = tuple(self.memory_layers)
+        self.ffn_hidden = self.ffn_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
+        self.mem_k_dim = self.mem_k_dim or self.n_embd // 2
+        self.mem_v_dim = self.mem_v_dim or self.n_embd
+        self.validate()
+
+    def validate(self):
+        def need(ok, message):
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.n_embd % self.n_head == 0,
+             f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        need((self.n_embd // self.n_head) % 2 == 0,
+             f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
+        bad = [i for i in self.memory_layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
+        need(not bad, f"memory_layers names {bad}, but layers are 0..{self.n_layer - 1} (n_layer={self.n_layer})")
+        need(len(set(self.memory_layers)) == len(self.memory_layers),
+             f"memory_layers lists a layer twice: {self.memory_layers}")
+        if not self.memory_layers:
+            return
+        for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim", "mem_v_dim"):
+            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+        need(self.mem_knn <= self.mem_n_keys,
+             f"mem_knn={self.mem_knn} must be at most mem_n_keys={self.mem_n_keys}")
+        need(self.mem_k_dim % 2 == 0, f"mem_k_dim={self.mem_k_dim} must be even (it is split in two halves)")
+        need(self.mem_swilu or self.mem_v_dim == self.n_embd,
+             f"mem_v_dim={self.mem_v_dim} must equal n_embd={self.n_embd} without mem_swilu "
+             "(the plain memory layer returns its read directly)")
+
+    @classmethod
+    def from_dict(cls, d):
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embeddings (rotate-half form), cached up to block_size."""
+
+    def __init__(self, head_dim, max_len, theta):
+        super().__init__()
+        inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+        angles = torch.cat([angles, angles], dim=-1)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, start, length):
+        return self.cos[start:start + length], self.sin[start:start + length]
+
+
+def apply_rotary(x, cos, sin):
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one layer for generation: (batch, heads, max_len, head_dim)."""
+
+    def __init__(self, batch, heads, max_len, head_dim, device, dtype):
+        self.k = torch.zeros(batch, heads, max_len, head_dim, device=device, dtype=dtype)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, start, k, v):
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+
+    def forward(self, x, cos, sin, cache=None, start=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        mask, causal = None, True
+        if cache is not None:
+            k, v = cache.update(start, k, v)
+            if start > 0:  # new queries see the whole cache and each other causally
+                causal = False
+                if T > 1:
+                    mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(start)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x, values=None):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config, use_memory):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.attn = Attention(config)
+        self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        if use_memory:
+            self.ffn = ProductKeyMemory(config.n_embd, config.mem_n_keys, config.mem_heads, config.mem_knn,
+                                        config.mem_k_dim, config.mem_v_dim, config.mem_swilu, config.mem_qk_norm)
+        else:
+            self.ffn = SwiGLU(config.n_embd, config.ffn_hidden)
+
+    def forward(self, x, cos, sin, values=None, cache=None, start=0):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
+        return x + self.ffn(self.ffn_norm(x), values)
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config, i in config.memory_layers) for i in range(config.n_layer))
+        self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        self.rotary = RotaryEmbedding(config.n_embd // config.n_head, config.block_size, config.rope_theta)
+        # value tables: values[table_of_layer[i]] serves memory layer i
+        n_tables = min(1, len(config.memory_layers)) if config.mem_share_values else len(config.memory_layers)
+        self.values = nn.ModuleList(ValueTable(config.mem_n_keys ** 2, config.mem_v_dim) for _ in range(n_tables))
+        self.table_of_layer = {layer: (0 if config.mem_share_values else slot)
+                               for slot, layer in enumerate(sorted(config.memory_layers))}
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        """GPT-2 style init for dense weights (residual projections scaled by depth); memory layers keep theirs."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            if isinstance(block.ffn, SwiGLU):
+                nn.init.normal_(block.ffn.w2.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            else:
+                block.ffn.reset_parameters()
+        for table in self.values:
+            table.reset_parameters()
+
+    def forward(self, idx, targets=None, caches=None, start=0):
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given.
+
+        caches/start: per-layer KVCache and the position of idx[:, 0], for incremental generation.
+        """
+        T = idx.shape[1]
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
+        cos, sin = self.rotary(start, T)
+        x = self.tok_emb(idx)
+        for i, block in enumerate(self.blocks):
+            values = self.values[self.table_of_layer[i]] if i in self.table_of_layer else None
+            x = block(x, cos, sin, values, caches[i] if caches else None, start)
+        logits = self.lm_head(self.norm(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        return logits, loss
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):
+        """Append max_new_tokens sampled tokens to idx (B, T). temperature 0 is greedy.
+
+        The context is the last block_size tokens. With the KV cache, when the window is full the cache
+        is rebuilt from the last block_size/2 tokens, so long generations stay cheap.
+        """
+        cfg = self.config
+        caches, pos = None, 0
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits, _ = self(idx[:, -cfg.block_size:])
+            else:
+                if caches is None or pos >= cfg.block_size:
+                    context = idx[:, -(cfg.block_size // 2 if caches else cfg.block_size):]
+                    caches = [KVCache(idx.shape[0], cfg.n_head, cfg.block_size, cfg.n_embd // cfg.n_head,
+                                      idx.device, self.tok_emb.weight.dtype) for _ in self.blocks]
+                    logits, _ = self(context, caches=caches, start=0)
+                    pos = context.shape[1]
+                else:
+                    logits, _ = self(idx[:, -1:], caches=caches, start=pos)
+                    pos += 1
+            idx = torch.cat([idx, sample_next(logits[:, -1, :].float(), temperature, top_k)], dim=1)
+        return idx
+
+    # ---- accounting -------------------------------------------------------------------------------
+    def param_counts(self):
+        """Total parameters and parameters active per token (value rows count only when read)."""
+        cfg = self.config
+        total = sum(p.numel() for p in self.parameters())
+        unread = sum(t.weight.numel() for t in self.values)
+        reads = len(cfg.memory_layers) * cfg.mem_heads * cfg.mem_knn * cfg.mem_v_dim
+        embedding = 0 if cfg.tie_embeddings else self.tok_emb.weight.numel() - cfg.n_embd
+        return {"total": total, "active": total - unread + reads - embedding}
+
+    def flops_per_token(self):
+        """Forward FLOPs per token: 2 per multiply-add, attention over a full block_size context (PaLM)."""
+        cfg = self.config
+        d, T = cfg.n_embd, cfg.block_size
+        attention = 2 * 4 * d * d + 2 * 2 * T * d
+        total = 2 * cfg.vocab_size * d
+        for i in range(cfg.n_layer):
+            if i in cfg.memory_layers:
+                k, v = cfg.mem_k_dim, cfg.mem_v_dim
+                ffn = 2 * d * cfg.mem_heads * k  # query
+                ffn += 2 * cfg.mem_heads * cfg.mem_n_keys * k  # both halves against their sub-keys
+                ffn += cfg.mem_heads * len(candidate_ranks(cfg.mem_knn, 'cpu')[0])  # candidate sums
+                ffn += 2 * cfg.mem_heads * cfg.mem_knn * v  # weighted read
+                ffn += 2 * 2 * d * v if cfg.mem_swilu else 0
+            else:
+                ffn = 2 * 3 * d * cfg.ffn_hidden
+            total += attention + ffn
+        return total
+
+    # ---- optimisation -----------------------------------------------------------------------------
+    def optimizer_groups(self, weight_decay, learning_rate, value_lr):
+        """AdamW groups: matrices (decayed), vectors (not decayed), value tables (their own peak lr).
+
+        Each group carries its name and peak lr, so the schedule scales every group alike and the value
+        table can be clipped on its own.
+        """
+        value_params = {id(p) for p in self.values.parameters()}
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"name": "decay", "params": [p for p in params if id(p) not in value_params and p.dim() >= 2],
+             "weight_decay": weight_decay, "peak_lr": learning_rate},
+            {"name": "no_decay", "params": [p for p in params if id(p) not in value_params and p.dim() < 2],
+             "weight_decay": 0.0, "peak_lr": learning_rate},
+            {"name": "values", "params": list(self.values.parameters()),
+             "weight_decay": weight_decay, "peak_lr": value_lr},
+        ]
+        for g in groups:
+            g["lr"] = g["peak_lr"]
+        return [g for g in groups if g["params"]]
+
+
+def sample_next(logits, temperature, top_k):
+    """One token per row from logits (B, vocab): greedy at temperature 0, else top-k softmax sampling."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

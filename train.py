@@ -1,0 +1,356 @@
+"""Train a GPT with dense or memory feed-forward blocks.
+
+    python train.py configs/NAME.py [--key=value ...]
+
+A config file is Python that assigns keys (see TrainConfig and model.GPTConfig for all of them and
+their defaults); --key=value overrides it. Logs go to OUT_DIR/log.jsonl (one JSON object per event),
+the checkpoint to OUT_DIR/ckpt.pt (a plain dict: torch.load(..., weights_only=True) reads it).
+"""
+import ast
+import difflib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+
+from model import GPT, ConfigError, GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    dataset: str = "shakespeare"
+    data_dir: str = "data"
+    out_dir: str = "out"
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    # loop
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 20
+    log_interval: int = 10
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    # AdamW and schedule: linear warmup, cosine decay to min_lr at lr_decay_iters (0: max_iters)
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = 0
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
+    mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
+    mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
+    # system
+    device: str = "auto"  # 'auto': cuda, then mps, then cpu
+    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
+    compile: bool = False
+    seed: int = 1337
+
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
+
+
+def default_config():
+    config = asdict(TrainConfig())
+    config.update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS})
+    return config
+
+
+def coerce(key, value, default):
+    """value converted to the type of key's default, or a ConfigError naming the key."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is tuple and isinstance(value, (list, tuple)):
+        value = tuple(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+    elif isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    want = "a tuple of ints" if expected is tuple else expected.__name__
+    raise ConfigError(f"config key '{key}' expects {want}, got {value!r}")
+
+
+def set_key(config, key, value, where):
+    if key not in config:
+        close = difflib.get_close_matches(key, config, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    config[key] = coerce(key, value, config[key])
+
+
+def load_config(argv):
+    """Defaults, then the config files in argv, then its --key=value overrides, in order."""
+    config = default_config()
+    for arg in argv:
+        if arg.startswith("--"):
+            key, sep, text = arg[2:].partition("=")
+            if not sep:
+                raise ConfigError(f"override {arg!r} must look like --key=value")
+            try:
+                value = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                value = text  # a bare string such as --dataset=shakespeare
+            set_key(config, key, value, "command line")
+        else:
+            try:
+                with open(arg) as f:
+                    source = f.read()
+            except OSError as e:
+                raise ConfigError(f"cannot read config file {arg}: {e.strerror}")
+            namespace = {}
+            exec(compile(source, arg, "exec"), namespace)
+            for key, value in namespace.items():
+                if not key.startswith("_") and not type(value).__name__ == "module":
+                    set_key(config, key, value, arg)
+    if config["init_from"] not in ("scratch", "resume"):
+        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
+    return config
+
+
+# ---- data -------------------------------------------------------------------------------------------
+def load_dataset(config):
+    """train/val token memmaps and meta.json of data_dir/dataset, with a clear error when missing."""
+    folder = os.path.join(config["data_dir"], config["dataset"])
+    paths = {name: os.path.join(folder, name) for name in ("train.bin", "val.bin", "meta.json")}
+    missing = [name for name, path in paths.items() if not os.path.exists(path)]
+    if missing:
+        raise ConfigError(f"dataset '{config['dataset']}' not found ({folder} lacks {', '.join(missing)}): make it "
+                          f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
+                          f"--name {config['dataset']}`")
+    with open(paths["meta.json"]) as f:
+        meta = json.load(f)
+    splits = {s: np.memmap(paths[f"{s}.bin"], dtype=np.uint16, mode="r") for s in ("train", "val")}
+    for split, data in splits.items():
+        if len(data) <= config["block_size"]:
+            raise ConfigError(f"block_size={config['block_size']} needs more than {len(data)} tokens, "
+                              f"the size of {folder}/{split}.bin: lower block_size")
+    return splits, meta
+
+
+def get_batch(data, batch_size, block_size, generator, device):
+    """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64."""
+    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
+    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def batch_generator(seed, step):
+    """The batches of a step depend only on (seed, step): runs resume on the same data order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------
+def save_checkpoint(state, path):
+    """Write atomically: a temporary file in the same folder, fsync, then rename over the old one."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def load_checkpoint(path, device="cpu"):
+    """The checkpoint dict, or a one-line error naming the file."""
+    if not os.path.exists(path):
+        raise ConfigError(f"no checkpoint at {path}: train one first (init_from='scratch') or fix out_dir")
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})")
+
+
+# ---- training ---------------------------------------------------------------------------------------
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ConfigError(f"dtype must be one of {['auto', *dtypes]}, got {name!r}")
+    return dtypes[name]
+
+
+def lr_factor(step, config):
+    """Linear warmup to 1, cosine decay to min_lr/learning_rate at lr_decay_iters, then flat."""
+    decay_iters = config["lr_decay_iters"] or config["max_iters"]
+    floor = config["min_lr"] / config["learning_rate"]
+    if step < config["warmup_iters"]:
+        return (step + 1) / (config["warmup_iters"] + 1)
+    if step >= decay_iters:
+        return floor
+    progress = (step - config["warmup_iters"]) / max(1, decay_iters - config["warmup_iters"])
+    return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - floor)
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@torch.no_grad()
+def estimate_loss(model, splits, config, device, autocast):
+    """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        generator = torch.Generator().manual_seed(config["seed"])
+        losses = []
+        for _ in range(config["eval_iters"]):
+            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device)
+            with autocast:
+                losses.append(model(x, y)[1].float())
+        out[split] = torch.stack(losses).mean().item()
+    model.train()
+    return out
+
+
+class Logger:
+    """Prints and appends JSON lines to out_dir/log.jsonl."""
+
+    def __init__(self, out_dir):
+        self.path = os.path.join(out_dir, "log.jsonl")
+
+    def __call__(self, event, message=None, **fields):
+        if message:
+            print(message, flush=True)
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"event": event, **fields}) + "\n")
+
+
+def train(config):
+    torch.manual_seed(config["seed"])
+    device = pick_device(config["device"])
+    dtype = pick_dtype(config["dtype"], device)
+    autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
+    splits, meta = load_dataset(config)
+    os.makedirs(config["out_dir"], exist_ok=True)
+    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+    model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
+
+    checkpoint = load_checkpoint(ckpt_path) if config["init_from"] == "resume" else None
+    if checkpoint:
+        differ = [f"{k}={v!r} in the checkpoint but {asdict(model_config)[k]!r} now"
+                  for k, v in checkpoint["model_config"].items() if asdict(model_config).get(k) != v]
+        if differ:
+            raise ConfigError(f"config contradicts {ckpt_path}: {'; '.join(differ)}")
+    model = GPT(model_config)
+    if checkpoint:
+        model.load_state_dict(checkpoint["model"])
+    model.to(device)
+    groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
+    optimizer = torch.optim.AdamW(groups, betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    start_iter = 0
+    if checkpoint:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        torch.set_rng_state(checkpoint["rng_state"])
+        start_iter = checkpoint["iter_num"]
+    value_params = list(model.values.parameters())
+    other_params = [p for g in groups if g["name"] != "values" for p in g["params"]]
+    step_model = torch.compile(model) if config["compile"] else model
+
+    log = Logger(config["out_dir"])
+    counts = model.param_counts()
+    tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    log("start", f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
+                 f"{model.flops_per_token():,} forward FLOPs per token, {tokens_per_iter:,} tokens per iter, "
+                 f"{device.type} {str(dtype).removeprefix('torch.')}, from iter {start_iter}",
+        iter=start_iter, params=counts["total"], active_params=counts["active"],
+        flops_per_token=model.flops_per_token(), tokens_per_iter=tokens_per_iter, device=device.type)
+
+    def save(iter_num):
+        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                         "model_config": asdict(model_config), "config": config, "meta": meta,
+                         "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
+
+    iter_num = start_iter
+    while True:
+        factor = lr_factor(iter_num, config)
+        for g in optimizer.param_groups:
+            g["lr"] = g["peak_lr"] * factor
+        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+            losses = estimate_loss(step_model, splits, config, device, autocast)
+            log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+            if iter_num > start_iter or not checkpoint:
+                save(iter_num)
+            t0, timed_iters = time.time(), 0  # time training steps only
+        if iter_num >= config["max_iters"]:
+            break
+
+        generator = batch_generator(config["seed"], iter_num)
+        loss_sum = 0.0
+        for _ in range(config["gradient_accumulation_steps"]):
+            x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device)
+            with autocast:
+                loss = step_model(x, y)[1] / config["gradient_accumulation_steps"]
+            scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+        scaler.unscale_(optimizer)
+        grad_norm = clip(other_params, config["grad_clip"])
+        value_grad_norm = clip(value_params, config["mem_value_grad_clip"])
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        timed_iters += 1
+
+        if iter_num % config["log_interval"] == 0:
+            loss_value = float(loss_sum)  # the only host sync of a step, and only when logging
+            dt = (time.time() - t0) / timed_iters
+            t0, timed_iters = time.time(), 0
+            log("train", f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.0f} ms/iter, "
+                         f"{tokens_per_iter / dt:,.0f} tokens/s",
+                iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor, grad_norm=float(grad_norm),
+                value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
+                peak_memory_mb=peak_memory_mb(device))
+    return model
+
+
+def clip(params, max_norm):
+    """Clip params' gradients to max_norm (0: only measure); returns the norm before clipping."""
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return torch.zeros(())
+    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+
+
+def main(argv=None):
+    try:
+        train(load_config(sys.argv[1:] if argv is None else argv))
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
