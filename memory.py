@@ -117,6 +117,17 @@ class ProductKeyMemory(nn.Module):
         weights = F.softmax(scores, dim=-1)
         return (i * self.n_keys + j).flatten(1), weights.flatten(1)
 
+    def active_params(self):
+        """Own parameters (every sub-key is scored) plus the value rows a token reads."""
+        return sum(p.numel() for p in self.parameters()) + self.heads * self.knn * self.v_dim
+
+    def flops_per_token(self):
+        flops = 2 * self.dim * self.heads * self.k_dim  # query
+        flops += 2 * self.heads * self.n_keys * self.k_dim  # both halves against their sub-keys
+        flops += self.heads * len(candidate_ranks(self.knn, "cpu")[0])  # candidate sums
+        flops += 2 * self.heads * self.knn * self.v_dim  # weighted read
+        return flops + (2 * 2 * self.dim * self.v_dim if self.swilu else 0)
+
     def forward(self, x, values):
         """x (..., dim) -> (..., dim); values: the ValueTable this layer reads."""
         shape = x.shape

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from memory import ProductKeyMemory, ValueTable, candidate_ranks
+from memory import ProductKeyMemory, ValueTable
 
 
 class ConfigError(ValueError):
@@ -146,6 +146,12 @@ class SwiGLU(nn.Module):
     def forward(self, x, values=None):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def active_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        return 2 * sum(p.numel() for p in self.parameters())
+
 
 class Block(nn.Module):
     def __init__(self, config, use_memory):
@@ -242,32 +248,21 @@ class GPT(nn.Module):
 
     # ---- accounting -------------------------------------------------------------------------------
     def param_counts(self):
-        """Total parameters and parameters active per token (value rows count only when read)."""
+        """Total parameters, and parameters active per token: each feed-forward block says how many of
+        its own (and of the value rows it reads) a token uses; an untied input embedding counts one row."""
         cfg = self.config
         total = sum(p.numel() for p in self.parameters())
-        unread = sum(t.weight.numel() for t in self.values)
-        reads = len(cfg.memory_layers) * cfg.mem_heads * cfg.mem_knn * cfg.mem_v_dim
+        ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters())
+        ffn_total += sum(p.numel() for p in self.values.parameters())
+        ffn_active = sum(block.ffn.active_params() for block in self.blocks)
         embedding = 0 if cfg.tie_embeddings else self.tok_emb.weight.numel() - cfg.n_embd
-        return {"total": total, "active": total - unread + reads - embedding}
+        return {"total": total, "active": total - ffn_total + ffn_active - embedding}
 
     def flops_per_token(self):
         """Forward FLOPs per token: 2 per multiply-add, attention over a full block_size context (PaLM)."""
         cfg = self.config
-        d, T = cfg.n_embd, cfg.block_size
-        attention = 2 * 4 * d * d + 2 * 2 * T * d
-        total = 2 * cfg.vocab_size * d
-        for i in range(cfg.n_layer):
-            if i in cfg.memory_layers:
-                k, v = cfg.mem_k_dim, cfg.mem_v_dim
-                ffn = 2 * d * cfg.mem_heads * k  # query
-                ffn += 2 * cfg.mem_heads * cfg.mem_n_keys * k  # both halves against their sub-keys
-                ffn += cfg.mem_heads * len(candidate_ranks(cfg.mem_knn, 'cpu')[0])  # candidate sums
-                ffn += 2 * cfg.mem_heads * cfg.mem_knn * v  # weighted read
-                ffn += 2 * 2 * d * v if cfg.mem_swilu else 0
-            else:
-                ffn = 2 * 3 * d * cfg.ffn_hidden
-            total += attention + ffn
-        return total
+        attention = 2 * 4 * cfg.n_embd ** 2 + 2 * 2 * cfg.block_size * cfg.n_embd
+        return 2 * cfg.vocab_size * cfg.n_embd + sum(attention + b.ffn.flops_per_token() for b in self.blocks)
 
     # ---- optimisation -----------------------------------------------------------------------------
     def optimizer_groups(self, weight_decay, learning_rate, value_lr):
