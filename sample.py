@@ -4,7 +4,8 @@
                      [--temperature=T] [--top_k=K] [--seed=S] [--device=...]
 
 The checkpoint carries the model config and the tokenizer's meta.json, so nothing else is needed.
-temperature 0 is greedy decoding.
+temperature 0 is greedy decoding. A prompt longer than the model's context (block_size) is kept whole in
+the output, but the model conditions on its last block_size tokens only.
 """
 import argparse
 import sys
@@ -13,7 +14,8 @@ import torch
 
 from model import GPT, ConfigError, GPTConfig
 from prepare_data import Tokenizer
-from train import load_checkpoint, pick_device
+from checkpoint import load_checkpoint
+from train import pick_device
 
 
 def parse_args(argv):
@@ -63,6 +65,9 @@ def main(argv=None):
             raise ConfigError(f"cannot encode the prompt: {e}")
     except (ConfigError, RuntimeError) as e:
         sys.exit(f"error: {e}")
+    if len(ids) > model.config.block_size:
+        print(f"note: the prompt's {len(ids)} tokens are longer than the context of {model.config.block_size}; "
+              "the model sees its last tokens only", file=sys.stderr)
     torch.manual_seed(args.seed)
     idx = torch.tensor([ids] * args.num_samples, dtype=torch.long, device=device)
     out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k)

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from contextlib import nullcontext
@@ -20,6 +21,7 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 
+from checkpoint import load_checkpoint, load_latest, save_checkpoint
 from model import GPT, ConfigError, GPTConfig
 
 
@@ -48,6 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
     mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
     mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
+    nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (weights untouched) or 'skip' the step
     # system
     device: str = "auto"  # 'auto': cuda, then mps, then cpu
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
@@ -111,8 +114,9 @@ def load_config(argv):
             for key, value in namespace.items():
                 if not key.startswith("_") and not type(value).__name__ == "module":
                     set_key(config, key, value, arg)
-    if config["init_from"] not in ("scratch", "resume"):
-        raise ConfigError(f"init_from must be 'scratch' or 'resume', got {config['init_from']!r}")
+    for key, allowed in (("init_from", ("scratch", "resume")), ("nonfinite", ("stop", "skip"))):
+        if config[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
     return config
 
 
@@ -136,45 +140,20 @@ def load_dataset(config):
     return splits, meta
 
 
-def get_batch(data, batch_size, block_size, generator, device):
+def get_batch(data, batch_size, block_size, generator, device, vocab_size):
     """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64."""
     starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([data[s:s + block_size] for s in starts]).astype(np.int64))
-    y = torch.from_numpy(np.stack([data[s + 1:s + 1 + block_size] for s in starts]).astype(np.int64))
-    if device.type == "cuda":
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    windows = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
+        raise ConfigError(f"{data.filename} holds token id {int(windows.max())}, beyond the vocabulary of "
+                          f"{vocab_size} in its meta.json: prepare the dataset again")
+    windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
 
 
 def batch_generator(seed, step):
     """The batches of a step depend only on (seed, step): runs resume on the same data order."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
-
-
-# ---- checkpoints ------------------------------------------------------------------------------------
-def save_checkpoint(state, path):
-    """Write atomically: a temporary file in the same folder, fsync, then rename over the old one."""
-    tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def load_checkpoint(path, device="cpu"):
-    """The checkpoint dict, or a one-line error naming the file."""
-    if not os.path.exists(path):
-        raise ConfigError(f"no checkpoint at {path}: train one first (init_from='scratch') or fix out_dir")
-    try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        raise ConfigError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).splitlines()[0]})")
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -218,7 +197,7 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, config, device, autocast):
+def estimate_loss(model, splits, config, device, autocast, vocab_size):
     """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare."""
     model.eval()
     out = {}
@@ -226,7 +205,7 @@ def estimate_loss(model, splits, config, device, autocast):
         generator = torch.Generator().manual_seed(config["seed"])
         losses = []
         for _ in range(config["eval_iters"]):
-            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device)
+            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, vocab_size)
             with autocast:
                 losses.append(model(x, y)[1].float())
         out[split] = torch.stack(losses).mean().item()
@@ -239,6 +218,10 @@ class Logger:
 
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "log.jsonl")
+        if os.path.exists(self.path):  # drop a line cut short by a crash, so every line parses
+            with open(self.path, "rb+") as f:
+                text = f.read()
+                f.truncate(text.rfind(b"\n") + 1)
 
     def __call__(self, event, message=None, **fields):
         if message:
@@ -247,7 +230,33 @@ class Logger:
             f.write(json.dumps({"event": event, **fields}) + "\n")
 
 
+class StopRequest:
+    """Remembers a SIGTERM or SIGINT so that training can finish its step, checkpoint and exit.
+
+    A second signal of the same kind acts at once (the default handler is restored after the first).
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = None
+        self.previous = {s: signal.signal(s, self.handle) for s in self.SIGNALS}
+
+    def handle(self, signum, frame):
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+
+    def restore(self):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+class NonFiniteError(ConfigError):
+    """A non-finite loss or gradient with nonfinite='stop'."""
+
+
 def train(config):
+    """Train as config says; returns the model. Raises ConfigError (and subclasses) for bad input."""
     torch.manual_seed(config["seed"])
     device = pick_device(config["device"])
     dtype = pick_dtype(config["dtype"], device)
@@ -257,12 +266,14 @@ def train(config):
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
 
-    checkpoint = load_checkpoint(ckpt_path) if config["init_from"] == "resume" else None
-    if checkpoint:
-        differ = [f"{k}={v!r} in the checkpoint but {asdict(model_config)[k]!r} now"
-                  for k, v in checkpoint["model_config"].items() if asdict(model_config).get(k) != v]
+    checkpoint = None
+    if config["init_from"] == "resume":
+        checkpoint, ckpt_source = load_latest(ckpt_path)
+        now = asdict(model_config)
+        differ = [f"{k}={v!r} in the checkpoint but {now.get(k)!r} now"
+                  for k, v in checkpoint["model_config"].items() if now.get(k) != v]
         if differ:
-            raise ConfigError(f"config contradicts {ckpt_path}: {'; '.join(differ)}")
+            raise ConfigError(f"config contradicts {ckpt_source}: {'; '.join(differ)}")
     model = GPT(model_config)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])
@@ -272,7 +283,10 @@ def train(config):
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
     if checkpoint:
+        settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
         optimizer.load_state_dict(checkpoint["optimizer"])
+        for group, setting in zip(optimizer.param_groups, settings):  # the config, not the checkpoint, decides
+            group.update(setting)
         torch.set_rng_state(checkpoint["rng_state"])
         start_iter = checkpoint["iter_num"]
     value_params = list(model.values.parameters())
@@ -293,47 +307,67 @@ def train(config):
                          "model_config": asdict(model_config), "config": config, "meta": meta,
                          "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
 
-    iter_num = start_iter
-    while True:
-        factor = lr_factor(iter_num, config)
-        for g in optimizer.param_groups:
-            g["lr"] = g["peak_lr"] * factor
-        if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-            losses = estimate_loss(step_model, splits, config, device, autocast)
-            log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-            if iter_num > start_iter or not checkpoint:
+    stop = StopRequest()
+    try:
+        iter_num, t0, timed_iters = start_iter, time.time(), 0
+        while True:
+            factor = lr_factor(iter_num, config)
+            for g in optimizer.param_groups:
+                g["lr"] = g["peak_lr"] * factor
+            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size)
+                log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
+                    iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                if iter_num > start_iter or not checkpoint:
+                    save(iter_num)
+                t0, timed_iters = time.time(), 0  # time training steps only
+            if iter_num >= config["max_iters"]:
+                break
+
+            generator = batch_generator(config["seed"], iter_num)
+            loss_sum = 0.0
+            for _ in range(config["gradient_accumulation_steps"]):
+                x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device,
+                                 model_config.vocab_size)
+                with autocast:
+                    loss = step_model(x, y)[1] / config["gradient_accumulation_steps"]
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(optimizer)
+            grad_norm = clip(other_params, config["grad_clip"])
+            value_grad_norm = clip(value_params, config["mem_value_grad_clip"])
+            # the GradScaler skips non-finite fp16 steps itself; otherwise check (one host sync per step)
+            if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm + value_grad_norm):
+                message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum)}, gradient norm "
+                           f"{float(grad_norm)}, value gradient norm {float(value_grad_norm)})")
+                if config["nonfinite"] == "stop":
+                    raise NonFiniteError(f"{message}; weights not updated, {ckpt_path} left as it was: resume "
+                                         "from it with a lower learning_rate, or set nonfinite='skip'")
+                log("skip", f"{message}: step skipped", iter=iter_num)
+            else:
+                scaler.step(optimizer)
+                scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            iter_num += 1
+            timed_iters += 1
+
+            if iter_num % config["log_interval"] == 0:
+                loss_value = float(loss_sum)  # a host sync, only when logging
+                dt = (time.time() - t0) / timed_iters
+                t0, timed_iters = time.time(), 0
+                log("train", f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.0f} ms/iter, "
+                             f"{tokens_per_iter / dt:,.0f} tokens/s",
+                    iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor,
+                    grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
+                    tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device))
+            if stop.signum is not None:
                 save(iter_num)
-            t0, timed_iters = time.time(), 0  # time training steps only
-        if iter_num >= config["max_iters"]:
-            break
-
-        generator = batch_generator(config["seed"], iter_num)
-        loss_sum = 0.0
-        for _ in range(config["gradient_accumulation_steps"]):
-            x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device)
-            with autocast:
-                loss = step_model(x, y)[1] / config["gradient_accumulation_steps"]
-            scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        scaler.unscale_(optimizer)
-        grad_norm = clip(other_params, config["grad_clip"])
-        value_grad_norm = clip(value_params, config["mem_value_grad_clip"])
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        iter_num += 1
-        timed_iters += 1
-
-        if iter_num % config["log_interval"] == 0:
-            loss_value = float(loss_sum)  # the only host sync of a step, and only when logging
-            dt = (time.time() - t0) / timed_iters
-            t0, timed_iters = time.time(), 0
-            log("train", f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.0f} ms/iter, "
-                         f"{tokens_per_iter / dt:,.0f} tokens/s",
-                iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor, grad_norm=float(grad_norm),
-                value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
-                peak_memory_mb=peak_memory_mb(device))
+                name = signal.Signals(stop.signum).name
+                log("stop", f"{name}: stopped at iter {iter_num}, checkpoint written to {ckpt_path}; "
+                            "continue with --init_from=resume", iter=iter_num, signal=name)
+                sys.exit(128 + stop.signum)
+    finally:
+        stop.restore()
     return model
 
 

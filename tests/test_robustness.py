@@ -1,0 +1,172 @@
+"""Runs that survive: atomic checkpoints, corruption detection, kill/resume, signals, NaNs, bad inputs."""
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from conftest import ROOT
+from fault_injection import run_fault_injection
+
+
+def state(value):
+    return {"weights": torch.full((64, 64), float(value)), "iter_num": value}
+
+
+def test_a_crash_before_the_rename_leaves_the_old_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(state(1), path)
+
+    def crash(src, dst):
+        raise OSError("simulated crash")
+    monkeypatch.setattr(checkpoint.os, "replace", crash)
+    with pytest.raises(OSError):
+        save_checkpoint(state(2), path)
+    monkeypatch.undo()
+    assert load_checkpoint(path)["iter_num"] == 1
+    save_checkpoint(state(3), path)  # the leftover temporary file does not get in the way
+    assert load_checkpoint(path)["iter_num"] == 3 and load_checkpoint(str(tmp_path / "ckpt.prev.pt"))["iter_num"] == 1
+
+
+def test_a_crash_between_the_renames_falls_back_to_the_previous(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(state(1), path)
+    real_replace, calls = os.replace, []
+
+    def crash_on_second(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise OSError("simulated crash")
+        real_replace(src, dst)
+    monkeypatch.setattr(checkpoint.os, "replace", crash_on_second)
+    with pytest.raises(OSError):
+        save_checkpoint(state(2), path)
+    monkeypatch.undo()
+    assert not os.path.exists(path)
+    loaded, source = load_latest(path)
+    assert loaded["iter_num"] == 1 and source.endswith("ckpt.prev.pt")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "garbage"])
+def test_damaged_checkpoints_are_detected(tmp_path, damage):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(state(1), path)
+    data = bytearray(open(path, "rb").read())
+    if damage == "flip":  # inside the tensor data, which torch.load alone would read without complaint
+        data[len(data) // 2] ^= 0xFF
+    elif damage == "truncate":
+        data = data[: len(data) // 2]
+    else:
+        data = b"not a checkpoint"
+    open(path, "wb").write(data)
+    with pytest.raises(CheckpointError, match=f"cannot read checkpoint {path}"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError):  # no previous checkpoint to fall back to
+        load_latest(path)
+
+
+def test_kill_at_a_random_moment_resumes_to_the_uninterrupted_losses(tmp_path):
+    assert run_fault_injection(kills=1, seed=int(time.time()), max_iters=15, workdir=str(tmp_path)) == []
+
+
+def train_cmd(config_file, *args):
+    return [sys.executable, os.path.join(ROOT, "train.py"), config_file, *args]
+
+
+@pytest.fixture
+def config_file(tmp_path, char_data_dir):
+    path = tmp_path / "cfg.py"
+    path.write_text(f"dataset = 'tiny'\ndata_dir = {char_data_dir!r}\nout_dir = {str(tmp_path / 'out')!r}\n"
+                    "n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\neval_iters = 1\n"
+                    "log_interval = 1\neval_interval = 4\ndevice = 'cpu'\n")
+    return str(path)
+
+
+def events(out_dir, kind):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [e for e in map(json.loads, f) if e["event"] == kind]
+
+
+def test_sigterm_finishes_the_step_and_writes_a_checkpoint(config_file, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(config_file, "--max_iters=100000"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    while not (out / "log.jsonl").exists() or len(events(out, "train")) < 6:
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in stderr
+    stopped = events(out, "stop")[-1]
+    assert stopped["signal"] == "SIGTERM" and stopped["iter"] >= 6
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == stopped["iter"]
+
+
+def test_a_nan_stops_the_run_and_leaves_the_checkpoint_alone(config_file, tmp_path):
+    out = tmp_path / "out"
+    assert subprocess.run(train_cmd(config_file, "--max_iters=4"), capture_output=True).returncode == 0
+    digest = hashlib.sha256(open(out / "ckpt.pt", "rb").read()).hexdigest()
+    # an absurd learning rate makes the weights overflow within a step or two
+    result = subprocess.run(train_cmd(config_file, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30",
+                                      "--warmup_iters=0"), capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: non-finite loss or gradient at iter ")
+    assert hashlib.sha256(open(out / "ckpt.pt", "rb").read()).hexdigest() == digest
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 4
+
+    skipped = subprocess.run(train_cmd(config_file, "--max_iters=8", "--init_from=resume", "--learning_rate=1e30",
+                                       "--warmup_iters=0", "--nonfinite=skip"), capture_output=True, text=True)
+    assert skipped.returncode == 0, skipped.stderr
+    assert len(events(out, "skip")) >= 1
+
+
+def test_token_ids_beyond_the_vocabulary_are_reported(config_file, tmp_path, char_data_dir):
+    bad_dir = tmp_path / "bad_data"
+    (bad_dir / "tiny").mkdir(parents=True)
+    for name in ("train.bin", "val.bin"):
+        (bad_dir / "tiny" / name).write_bytes(open(os.path.join(char_data_dir, "tiny", name), "rb").read())
+    meta = json.load(open(os.path.join(char_data_dir, "tiny", "meta.json")))
+    json.dump({**meta, "vocab_size": 10}, open(bad_dir / "tiny" / "meta.json", "w"))
+    result = subprocess.run(train_cmd(config_file, f"--data_dir={bad_dir}", "--max_iters=1"),
+                            capture_output=True, text=True)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert "beyond the vocabulary of 10 in its meta.json" in result.stderr
+
+
+def test_block_size_larger_than_the_data_is_reported(config_file, tmp_path):
+    result = subprocess.run(train_cmd(config_file, "--block_size=100000000"), capture_output=True, text=True)
+    assert result.returncode == 1 and "lower block_size" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_sample_prompts(config_file, tmp_path):
+    assert subprocess.run(train_cmd(config_file, "--max_iters=0"), capture_output=True).returncode == 0
+    sample = [sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={tmp_path / 'out'}", "--num_samples=1",
+              "--max_new_tokens=5"]
+    empty = subprocess.run(sample + ["--start="], capture_output=True, text=True)
+    assert empty.returncode == 1 and "the prompt is empty" in empty.stderr
+    unknown = subprocess.run(sample + ["--start=\u00e9t\u00e9"], capture_output=True, text=True)
+    assert unknown.returncode == 1 and "cannot encode the prompt" in unknown.stderr
+    (tmp_path / "long.txt").write_text("First Citizen: " * 10)  # 150 characters, block_size 16
+    long = subprocess.run(sample + [f"--start=FILE:{tmp_path / 'long.txt'}"], capture_output=True, text=True)
+    assert long.returncode == 0 and long.stdout.startswith("First Citizen: " * 10)
+    assert "longer than the context" in long.stderr
+    missing = subprocess.run(sample + ["--start=FILE:/nonexistent/prompt.txt"], capture_output=True, text=True)
+    assert missing.returncode == 1 and "cannot read prompt file /nonexistent/prompt.txt" in missing.stderr
+
+
+def test_missing_tokenizer_files_offline_are_reported(tmp_path):
+    env = {**os.environ, "TIKTOKEN_CACHE_DIR": str(tmp_path / "empty"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "https_proxy": "http://127.0.0.1:9"}
+    (tmp_path / "in.txt").write_text("hello world")
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "text", "--input",
+                             str(tmp_path / "in.txt"), "--name", "x", "--data_dir", str(tmp_path)],
+                            capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: cannot load the GPT-2 tokenizer")
