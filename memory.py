@@ -30,6 +30,10 @@ class ValueTable(nn.Module):
     def reset_parameters(self):
         nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
 
+    def forward(self, indices, weights):
+        """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
+        return embedding_bag(self.weight, indices, weights)
+
 
 @functools.lru_cache(maxsize=None)
 def candidate_ranks(knn, device):
@@ -133,7 +137,7 @@ class ProductKeyMemory(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)
         indices, weights = self.lookup(x)
-        y = embedding_bag(values.weight, indices, weights)
+        y = values(indices, weights)
         if self.swilu:
             y = self.w2(y.to(x.dtype) * F.silu(self.w1(x)))
         return y.reshape(shape[:-1] + (y.shape[-1],)).to(x.dtype)
