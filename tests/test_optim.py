@@ -1,0 +1,62 @@
+"""RowAdamW against torch.optim.AdamW run on each row alone; touched-row clipping against dense clipping."""
+import torch
+
+from optim import RowAdamW, clip_row_grad_norm_
+
+
+def sparse_rows(rows, values, shape):
+    return torch.sparse_coo_tensor(torch.tensor(rows).unsqueeze(0), values, shape, check_invariants=True)
+
+
+def test_row_adamw_equals_adamw_on_each_row_over_the_steps_that_touched_it():
+    torch.manual_seed(0)
+    n, dim, lr, wd = 12, 5, 0.05, 0.1
+    table = torch.nn.Parameter(torch.randn(n, dim))
+    initial = table.detach().clone()
+    rows_per_step = [[0, 3, 3, 7], [3, 5], [0, 7, 9], [], [3, 9, 9, 9], [0]]  # repeats: summed like dense grads
+    grads = [torch.randn(len(r), dim) for r in rows_per_step]
+    optimizer = RowAdamW([table], lr=lr, betas=(0.9, 0.95), weight_decay=wd)
+    for rows, g in zip(rows_per_step, grads):
+        table.grad = sparse_rows(rows, g, (n, dim)) if rows else None
+        optimizer.step()
+
+    for row in range(n):
+        alone = torch.nn.Parameter(initial[row].clone())
+        reference = torch.optim.AdamW([alone], lr=lr, betas=(0.9, 0.95), weight_decay=wd)
+        touched = 0
+        for rows, g in zip(rows_per_step, grads):
+            if row in rows:
+                alone.grad = sum(g[i] for i, r in enumerate(rows) if r == row)
+                reference.step()
+                touched += 1
+        torch.testing.assert_close(table[row], alone, rtol=1e-6, atol=1e-7)
+        state = optimizer.state[table]
+        assert state["step"][row] == touched
+        if touched:
+            torch.testing.assert_close(state["exp_avg"][row], reference.state[alone]["exp_avg"])
+            torch.testing.assert_close(state["exp_avg_sq"][row], reference.state[alone]["exp_avg_sq"])
+        else:  # never read: untouched, moments zero
+            assert torch.equal(table[row], initial[row])
+            assert not state["exp_avg"][row].any() and not state["exp_avg_sq"][row].any()
+
+
+def test_clipping_touched_rows_equals_clipping_the_dense_gradient():
+    torch.manual_seed(1)
+    a, b = torch.nn.Parameter(torch.randn(10, 3)), torch.nn.Parameter(torch.randn(6, 3))
+    grads = [sparse_rows([1, 4, 1, 8], torch.randn(4, 3) * 3, (10, 3)), sparse_rows([0, 5], torch.randn(2, 3), (6, 3))]
+    dense = [g.to_dense() for g in grads]
+    a.grad, b.grad = grads
+    norm = clip_row_grad_norm_([a, b], max_norm=1.0)
+
+    da, db = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
+    da.grad, db.grad = dense
+    want = torch.nn.utils.clip_grad_norm_([da, db], max_norm=1.0)
+    torch.testing.assert_close(norm, want)
+    assert norm > 1.0
+    torch.testing.assert_close(a.grad.to_dense(), da.grad)
+    torch.testing.assert_close(b.grad.to_dense(), db.grad)
+
+    a.grad = sparse_rows([2], torch.full((1, 3), 0.1), (10, 3))
+    b.grad = None
+    assert clip_row_grad_norm_([a, b], max_norm=1.0) < 1.0  # below the limit: unchanged
+    torch.testing.assert_close(a.grad.to_dense()[2], torch.full((3,), 0.1))
