@@ -333,7 +333,7 @@ def train(config):
                          f"{tokens_per_iter / dt:,.0f} tokens/s",
                 iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor, grad_norm=float(grad_norm),
                 value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000, tokens_per_s=tokens_per_iter / dt,
-                peak_memory_mb=peak_memory_mb(device))
+                peak_memory_mb=peak_memory_mb(device), **model.routing_stats())
     return model
 
 
