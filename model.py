@@ -1,5 +1,5 @@
-"""A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU, product-key memory
-or mixture of experts.
+"""A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU, product-key memory,
+mixture of experts or PEER.
 
 RMSNorm, rotary position embeddings, causal scaled-dot-product attention, SwiGLU FFN, no biases in
 attention or FFN. The model owns the memory value tables (one shared by all memory layers, or one per
@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from memory import ProductKeyMemory, ValueTable
 from moe import MoE
+from peer import PEER
 
 
 class ConfigError(ValueError):
@@ -49,14 +50,22 @@ class GPTConfig:
     moe_hidden: int = 0  # hidden size of each expert; 0: ffn_hidden
     moe_aux_loss_weight: float = 0.01  # Switch load-balancing loss, added to the training loss
     moe_z_loss_weight: float = 0.001  # router z-loss, added to the training loss
+    # PEER layers (peer.py): product-key retrieval of peer_n_keys**2 single-neuron experts
+    peer_layers: tuple = ()
+    peer_n_keys: int = 128
+    peer_heads: int = 8
+    peer_knn: int = 16
+    peer_k_dim: int = 0  # query size per head; 0: n_embd // 2
 
     def __post_init__(self):
         self.memory_layers = tuple(self.memory_layers)
         self.moe_layers = tuple(self.moe_layers)
+        self.peer_layers = tuple(self.peer_layers)
         self.ffn_hidden = self.ffn_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.mem_k_dim = self.mem_k_dim or self.n_embd // 2
         self.mem_v_dim = self.mem_v_dim or self.n_embd
         self.moe_hidden = self.moe_hidden or self.ffn_hidden
+        self.peer_k_dim = self.peer_k_dim or self.n_embd // 2
         self.validate()
 
     def validate(self):
@@ -70,7 +79,7 @@ class GPTConfig:
              f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0,
              f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
-        kinds = ("memory_layers", "moe_layers")
+        kinds = ("memory_layers", "moe_layers", "peer_layers")
         for kind in kinds:
             layers = getattr(self, kind)
             bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
@@ -86,6 +95,12 @@ class GPTConfig:
                  f"moe_top_k={self.moe_top_k} must be at most moe_num_experts={self.moe_num_experts}")
             for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
                 need(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.peer_layers:
+            for name in ("peer_n_keys", "peer_heads", "peer_knn", "peer_k_dim"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(self.peer_knn <= self.peer_n_keys,
+                 f"peer_knn={self.peer_knn} must be at most peer_n_keys={self.peer_n_keys}")
+            need(self.peer_k_dim % 2 == 0, f"peer_k_dim={self.peer_k_dim} must be even (it is split in two halves)")
         if not self.memory_layers:
             return
         for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim", "mem_v_dim"):
@@ -190,6 +205,8 @@ class Block(nn.Module):
             self.ffn = MoE(config.n_embd, config.moe_hidden, config.moe_num_experts, config.moe_top_k,
                            config.moe_aux_loss_weight, config.moe_z_loss_weight,
                            out_std=0.02 / math.sqrt(2 * config.n_layer))
+        elif layer in config.peer_layers:
+            self.ffn = PEER(config.n_embd, config.peer_n_keys, config.peer_heads, config.peer_knn, config.peer_k_dim)
         else:
             self.ffn = SwiGLU(config.n_embd, config.ffn_hidden)
 
