@@ -1,4 +1,4 @@
-"""Baseline sizing: dense at 2x and 4x the FLOPs, MoE by the paper's parameter rule."""
+"""Baseline sizing: dense at 2x and 4x the FLOPs, MoE by the paper's parameter rule, and the shipped configs."""
 import os
 from dataclasses import replace
 
@@ -6,7 +6,8 @@ import pytest
 
 from conftest import ROOT
 from model import GPT, GPTConfig
-from sizing import dense_baseline, main, moe_baseline
+from sizing import costs, dense_baseline, main, moe_baseline
+from train import MODEL_KEYS, load_config
 
 MEMORY = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32, memory_layers=(1,), mem_n_keys=64,
                    mem_heads=2, mem_knn=4)
@@ -35,6 +36,21 @@ def test_moe_baseline_has_the_fewest_experts_that_outnumber_the_memory_models_pa
     dense = GPT(replace(MEMORY, memory_layers=()))
     routers = 3 * 2 * moe.moe_num_experts * 32
     assert GPT(moe).flops_per_token() == dense.flops_per_token() + routers
+
+
+def shipped(name):
+    config = load_config([os.path.join(ROOT, "configs", name)])
+    return GPTConfig(vocab_size=65, **{k: config[k] for k in MODEL_KEYS})
+
+
+def test_shakespeare_moe_and_peer_configs_match_memory_plus():
+    """The MoE config is the Memory+ config's baseline by the paper's rule; PEER has about its FLOPs."""
+    memplus, moe, peer = (shipped(f"shakespeare_char_{n}.py") for n in ("memplus", "moe", "peer"))
+    flops = {name: costs(c)["flops"] for name, c in [("memplus", memplus), ("moe", moe), ("peer", peer)]}
+    rule = moe_baseline(memplus)
+    assert (moe.moe_layers, moe.moe_num_experts, moe.moe_top_k, moe.moe_hidden) == \
+           (rule.moe_layers, rule.moe_num_experts, rule.moe_top_k, rule.moe_hidden)
+    assert abs(flops["peer"] / flops["memplus"] - 1) < 0.01 and abs(flops["moe"] / flops["memplus"] - 1) < 0.01
 
 
 def test_command_line_prints_costs_and_baseline_overrides(capsys):
