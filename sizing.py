@@ -73,17 +73,17 @@ def overrides(config, changed):
 
 
 def report(config, name):
-    """Lines of text: config's costs and, for a memory model, its baselines."""
+    """Lines of text: config's costs and, for a memory model, its baselines with their FLOPs relative to it."""
     own = costs(config)
-    line = "{:<32} {:>14,} params {:>14,} active {:>14,} FLOPs/token (x{:.2f})  {}"
-    lines = [line.format(name, own["total"], own["active"], own["flops"], 1.0, "")]
+    line = "{:<32} {:>14,} params {:>14,} active {:>14,} FLOPs/token"
+    lines = [line.format(name, own["total"], own["active"], own["flops"])]
     if config.memory_layers:
         baselines = [(f"  dense {f}x", dense_baseline(config, f)) for f in (1, 2, 4)]
         baselines.append(("  moe", moe_baseline(config)))
         for label, baseline in baselines:
             c = costs(baseline)
-            lines.append(line.format(label, c["total"], c["active"], c["flops"], c["flops"] / own["flops"],
-                                     overrides(config, baseline)))
+            lines.append(line.format(label, c["total"], c["active"], c["flops"])
+                         + f" (x{c['flops'] / own['flops']:.2f})  {overrides(config, baseline)}")
     return lines
 
 
