@@ -1,4 +1,5 @@
-"""A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU or product-key memory.
+"""A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU, product-key memory,
+mixture of experts or PEER.
 
 RMSNorm, rotary position embeddings, causal scaled-dot-product attention, SwiGLU FFN, no biases in
 attention or FFN. The model owns the memory value tables (one shared by all memory layers, or one per
@@ -6,12 +7,15 @@ layer) and hands them to the memory layers at call time: no global state, two mo
 """
 import math
 from dataclasses import dataclass, fields
+from itertools import combinations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from memory import ProductKeyMemory, ValueTable
+from moe import MoE
+from peer import PEER
 
 
 class ConfigError(ValueError):
@@ -39,12 +43,29 @@ class GPTConfig:
     mem_share_values: bool = True  # one table for all memory layers (Memory+) or one each
     mem_swilu: bool = True  # Memory+ gated output projection
     mem_qk_norm: bool = False
+    # mixture-of-experts layers (moe.py): SwiGLU experts, token-choice top-k, dropless
+    moe_layers: tuple = ()
+    moe_num_experts: int = 8
+    moe_top_k: int = 1
+    moe_hidden: int = 0  # hidden size of each expert; 0: ffn_hidden
+    moe_aux_loss_weight: float = 0.01  # Switch load-balancing loss, added to the training loss
+    moe_z_loss_weight: float = 0.001  # router z-loss, added to the training loss
+    # PEER layers (peer.py): product-key retrieval of peer_n_keys**2 single-neuron experts
+    peer_layers: tuple = ()
+    peer_n_keys: int = 128
+    peer_heads: int = 8
+    peer_knn: int = 16
+    peer_k_dim: int = 0  # query size per head; 0: n_embd // 2
 
     def __post_init__(self):
         self.memory_layers = tuple(self.memory_layers)
+        self.moe_layers = tuple(self.moe_layers)
+        self.peer_layers = tuple(self.peer_layers)
         self.ffn_hidden = self.ffn_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.mem_k_dim = self.mem_k_dim or self.n_embd // 2
         self.mem_v_dim = self.mem_v_dim or self.n_embd
+        self.moe_hidden = self.moe_hidden or self.ffn_hidden
+        self.peer_k_dim = self.peer_k_dim or self.n_embd // 2
         self.validate()
 
     def validate(self):
@@ -58,10 +79,28 @@ class GPTConfig:
              f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0,
              f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
-        bad = [i for i in self.memory_layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
-        need(not bad, f"memory_layers names {bad}, but layers are 0..{self.n_layer - 1} (n_layer={self.n_layer})")
-        need(len(set(self.memory_layers)) == len(self.memory_layers),
-             f"memory_layers lists a layer twice: {self.memory_layers}")
+        kinds = ("memory_layers", "moe_layers", "peer_layers")
+        for kind in kinds:
+            layers = getattr(self, kind)
+            bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
+            need(not bad, f"{kind} names {bad}, but layers are 0..{self.n_layer - 1} (n_layer={self.n_layer})")
+            need(len(set(layers)) == len(layers), f"{kind} lists a layer twice: {layers}")
+        for a, b in combinations(kinds, 2):
+            both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
+            need(not both, f"layers {both} are listed in both {a} and {b}: a layer has one feed-forward block")
+        if self.moe_layers:
+            for name in ("moe_num_experts", "moe_top_k", "moe_hidden"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(self.moe_top_k <= self.moe_num_experts,
+                 f"moe_top_k={self.moe_top_k} must be at most moe_num_experts={self.moe_num_experts}")
+            for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+                need(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
+        if self.peer_layers:
+            for name in ("peer_n_keys", "peer_heads", "peer_knn", "peer_k_dim"):
+                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
+            need(self.peer_knn <= self.peer_n_keys,
+                 f"peer_knn={self.peer_knn} must be at most peer_n_keys={self.peer_n_keys}")
+            need(self.peer_k_dim % 2 == 0, f"peer_k_dim={self.peer_k_dim} must be even (it is split in two halves)")
         if not self.memory_layers:
             return
         for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim", "mem_v_dim"):
@@ -72,6 +111,11 @@ class GPTConfig:
         need(self.mem_swilu or self.mem_v_dim == self.n_embd,
              f"mem_v_dim={self.mem_v_dim} must equal n_embd={self.n_embd} without mem_swilu "
              "(the plain memory layer returns its read directly)")
+
+    @property
+    def residual_std(self):
+        """Init std of the projections that write into the residual stream (GPT-2: scaled with depth)."""
+        return 0.02 / math.sqrt(2 * self.n_layer)
 
     @classmethod
     def from_dict(cls, d):
@@ -154,14 +198,20 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config, use_memory):
+    def __init__(self, config, layer):
         super().__init__()
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        if use_memory:
+        if layer in config.memory_layers:
             self.ffn = ProductKeyMemory(config.n_embd, config.mem_n_keys, config.mem_heads, config.mem_knn,
                                         config.mem_k_dim, config.mem_v_dim, config.mem_swilu, config.mem_qk_norm)
+        elif layer in config.moe_layers:
+            self.ffn = MoE(config.n_embd, config.moe_hidden, config.moe_num_experts, config.moe_top_k,
+                           config.moe_aux_loss_weight, config.moe_z_loss_weight,
+                           out_std=config.residual_std)
+        elif layer in config.peer_layers:
+            self.ffn = PEER(config.n_embd, config.peer_n_keys, config.peer_heads, config.peer_knn, config.peer_k_dim)
         else:
             self.ffn = SwiGLU(config.n_embd, config.ffn_hidden)
 
@@ -175,7 +225,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
-        self.blocks = nn.ModuleList(Block(config, i in config.memory_layers) for i in range(config.n_layer))
+        self.blocks = nn.ModuleList(Block(config, i) for i in range(config.n_layer))
         self.norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -194,16 +244,17 @@ class GPT(nn.Module):
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
         for block in self.blocks:
-            nn.init.normal_(block.attn.proj.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+            nn.init.normal_(block.attn.proj.weight, std=self.config.residual_std)
             if isinstance(block.ffn, SwiGLU):
-                nn.init.normal_(block.ffn.w2.weight, std=0.02 / math.sqrt(2 * self.config.n_layer))
+                nn.init.normal_(block.ffn.w2.weight, std=self.config.residual_std)
             else:
                 block.ffn.reset_parameters()
         for table in self.values:
             table.reset_parameters()
 
     def forward(self, idx, targets=None, caches=None, start=0):
-        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given.
+        """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given,
+        plus the MoE auxiliary losses in training mode.
 
         caches/start: per-layer KVCache and the position of idx[:, 0], for incremental generation.
         """
@@ -219,7 +270,20 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            if self.training:  # the routers' auxiliary losses train the model; evaluation is cross-entropy alone
+                loss = loss + sum(b.ffn.aux_loss() for b in self.blocks if isinstance(b.ffn, MoE))
         return logits, loss
+
+    def routing_stats(self):
+        """The MoE routers' latest load-balancing and z-losses (means over MoE layers, unweighted) and each
+        MoE layer's fraction of token slots per expert, as JSON-ready numbers for the training log."""
+        moe = {i: b.ffn for i, b in enumerate(self.blocks) if isinstance(b.ffn, MoE) and b.ffn.z_loss is not None}
+        if not moe:
+            return {}
+        return {"moe_balance_loss": sum(m.balance_loss.item() for m in moe.values()) / len(moe),
+                "moe_z_loss": sum(m.z_loss.item() for m in moe.values()) / len(moe),
+                "moe_expert_fractions": {i: [round(f, 4) for f in m.expert_fractions.tolist()]
+                                         for i, m in moe.items()}}
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, use_cache=True):

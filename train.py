@@ -1,4 +1,4 @@
-"""Train a GPT with dense or memory feed-forward blocks.
+"""Train a GPT whose feed-forward blocks are dense, memory, MoE or PEER layers.
 
     python train.py configs/NAME.py [--key=value ...]
 
@@ -359,7 +359,8 @@ def train(config):
                              f"{tokens_per_iter / dt:,.0f} tokens/s",
                     iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor,
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
-                    tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device))
+                    tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
+                    **model.routing_stats())
             if stop.signum is not None:
                 save(iter_num)
                 name = signal.Signals(stop.signum).name
