@@ -11,6 +11,7 @@ by columns over groups of mem_parallel ranks (distributed.py); checkpoints do no
 """
 import ast
 import difflib
+import glob
 import json
 import math
 import os
@@ -127,22 +128,45 @@ def load_config(argv):
 
 
 # ---- data -------------------------------------------------------------------------------------------
+class Tokens:
+    """A split's uint16 token ids, stored in one file or in numbered shards, read as one sequence."""
+
+    def __init__(self, paths):
+        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in paths]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # of each shard, then the end
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def read(self, start, length):
+        """The ids at start..start+length-1, across shard boundaries."""
+        parts, shard = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            part = self.shards[shard][start - self.starts[shard]:start - self.starts[shard] + length]
+            parts.append(part)
+            start, length, shard = start + len(part), length - len(part), shard + 1
+        return np.concatenate(parts)
+
+
 def load_dataset(config):
-    """train/val token memmaps and meta.json of data_dir/dataset, with a clear error when missing."""
+    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset."""
     folder = os.path.join(config["data_dir"], config["dataset"])
-    paths = {name: os.path.join(folder, name) for name in ("train.bin", "val.bin", "meta.json")}
-    missing = [name for name, path in paths.items() if not os.path.exists(path)]
+    files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
+             else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
+    missing = [f"{s}.bin" for s, paths in files.items() if not paths]
+    missing += [] if os.path.exists(os.path.join(folder, "meta.json")) else ["meta.json"]
     if missing:
         raise ConfigError(f"dataset '{config['dataset']}' not found ({folder} lacks {', '.join(missing)}): make it "
                           f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
                           f"--name {config['dataset']}`")
-    with open(paths["meta.json"]) as f:
+    with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    splits = {s: np.memmap(paths[f"{s}.bin"], dtype=np.uint16, mode="r") for s in ("train", "val")}
+    splits = {s: Tokens(paths) for s, paths in files.items()}
     for split, data in splits.items():
         if len(data) <= config["block_size"]:
             raise ConfigError(f"block_size={config['block_size']} needs more than {len(data)} tokens, "
-                              f"the size of {folder}/{split}.bin: lower block_size")
+                              f"the size of {data.name}: lower block_size")
     return splits, meta
 
 
@@ -154,9 +178,9 @@ def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=
     """
     starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
-    windows = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+    windows = torch.from_numpy(np.stack([data.read(s, block_size + 1) for s in starts]).astype(np.int64))
     if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
-        raise ConfigError(f"{data.filename} holds token id {int(windows.max())}, beyond the vocabulary of "
+        raise ConfigError(f"{data.name} holds token id {int(windows.max())}, beyond the vocabulary of "
                           f"{vocab_size} in its meta.json: prepare the dataset again")
     windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
     return windows[:, :-1], windows[:, 1:]
