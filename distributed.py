@@ -133,11 +133,16 @@ class Parallel:
         return ShardedValueTable(num_values, v_dim, self.rank % self.mem_parallel, self.mem_parallel, self.mp_group)
 
     def wrap(self, model):
-        """DDP over every parameter but the value tables; the model itself on one process."""
+        """DDP over every parameter but the value tables; the model itself on one process.
+
+        DDP ignores the buffers too: they are rotary tables, computed alike on every rank, and
+        broadcasting them each forward would only cost time (and break torch.compile's graph).
+        """
         if self.world == 1:
             return model
-        tables = [name for name, _ in model.named_parameters() if name.startswith("values.")]
-        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, tables)
+        ignored = [name for name, _ in model.named_parameters() if name.startswith("values.")]
+        ignored += [name for name, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     def sync(self, wrapped, last_micro_step):
@@ -294,6 +299,8 @@ def main(argv=None):
             held = bytes_per_rank(model_config, m)
             print(f"{m:>12} {(held['table'] + held['replicated']) / 1e6:>11,.1f}M " +
                   " ".join(f"{held[c] / 2**30:>11.2f}" for c in columns))
+    print(f"a checkpoint (weights and AdamW moments, tables whole) is {(full['weights'] + full['AdamW']) / 2**30:.2f} "
+          "GiB, gathered in rank 0's host memory to be written")
 
 
 if __name__ == "__main__":

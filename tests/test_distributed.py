@@ -24,7 +24,7 @@ DEADLINE = 60  # seconds for any launch here; they take a few
 SETTINGS = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2",
             "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=6", "--device=cpu",
             "--dtype=float32", "--memory_layers=(0, 1)", "--mem_n_keys=8", "--mem_knn=4", "--mem_heads=2",
-            "--learning_rate=3e-3", "--mem_value_lr=3e-2"]
+            "--learning_rate=3e-3", "--mem_value_lr=3e-2", "--gradient_accumulation_steps=2"]
 LOSS_TOLERANCE = 1e-4  # absolute, on losses near 4: the runs differ by float summation order only
 
 
@@ -169,7 +169,7 @@ def test_sharded_layer_equals_the_unsharded_layer(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, char_data_dir):
     """A 1-process run with batch 8 for 6 iterations, and a torchrun of 2 ranks with batch 4 each and the
-    table split over both for the first 3 of them."""
+    table split over both for the first 3 of them; both accumulate 2 micro-steps per iteration."""
     root = tmp_path_factory.mktemp("runs")
     for code, _, err in wait_all([
             train(root / "one", char_data_dir, "--batch_size=8", "--max_iters=6"),
@@ -186,7 +186,7 @@ def test_two_ranks_follow_the_one_process_loss_curve(runs):
         assert abs(loss - one[key]) < LOSS_TOLERANCE, (key, loss, one[key])
     with open(root / "two" / "log.jsonl") as f:
         start = json.loads(f.readline())
-    assert start["world"] == 2 and start["mem_parallel"] == 2 and start["tokens_per_iter"] == 8 * 32
+    assert start["world"] == 2 and start["mem_parallel"] == 2 and start["tokens_per_iter"] == 8 * 32 * 2
 
 
 def test_a_two_rank_checkpoint_resumes_and_samples_in_one_process(runs, tmp_path):
@@ -268,3 +268,15 @@ def test_a_rank_that_dies_makes_the_others_exit(char_data_dir, tmp_path):
     code, _, err = results[0]
     assert code == 1 and "caused by a remote worker" in err, err  # gloo's words for a lost peer
     assert time.time() - killed < 10
+
+
+def test_bytes_per_rank_splits_the_tables_only():
+    import distributed
+    from model import GPT, GPTConfig
+    config = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, memory_layers=(0, 1), mem_n_keys=8,
+                       mem_knn=4)
+    whole = GPT(config).param_counts()["total"]
+    for m in (1, 2, 4):
+        held = distributed.bytes_per_rank(config, m)
+        assert held["table"] == 64 * 32 // m and held["replicated"] == whole - 64 * 32
+        assert held["AdamW"] == 8 * (held["table"] + held["replicated"]) and held["DDP buckets"] == 4 * held["replicated"]
