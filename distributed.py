@@ -79,7 +79,7 @@ class ColumnsToTokens(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         m, n = ctx.group.size(), len(grad)
-        return all_to_all(grad.view(n, m, -1).transpose(0, 1).reshape(m * n, -1), ctx.group), None
+        return all_to_all(grad.reshape(n, m, -1).transpose(0, 1).reshape(m * n, -1), ctx.group), None
 
 
 def take_columns(table, state_dict, prefix, *args):
@@ -133,7 +133,7 @@ class Parallel:
         return ShardedValueTable(num_values, v_dim, self.rank % self.mem_parallel, self.mem_parallel, self.mp_group)
 
     def wrap(self, model):
-        """DDP over every parameter but the value tables; the model itself on one process.
+        """DDP over every parameter but the value tables (collective); the model itself on one process.
 
         DDP ignores the buffers too: they are rotary tables, computed alike on every rank, and
         broadcasting them each forward would only cost time (and break torch.compile's graph).

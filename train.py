@@ -155,7 +155,8 @@ def load_dataset(config):
     files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
              else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
     missing = [f"{s}.bin" for s, paths in files.items() if not paths]
-    missing += [] if os.path.exists(os.path.join(folder, "meta.json")) else ["meta.json"]
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        missing.append("meta.json")
     if missing:
         raise ConfigError(f"dataset '{config['dataset']}' not found ({folder} lacks {', '.join(missing)}): make it "
                           f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
@@ -341,7 +342,7 @@ def train(config):
     log = Logger(config["out_dir"]) if par.is_main else lambda *args, **fields: None
     counts = model.param_counts()
     tokens_per_iter = par.world * config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
-    ranks = f", {par.world} ranks, value tables split over {par.mem_parallel}" if par.world > 1 else ""
+    ranks = f", {par.world} ranks, tables split over groups of {par.mem_parallel}" if par.world > 1 else ""
     log("start", f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
                  f"{model.flops_per_token():,} forward FLOPs per token, {tokens_per_iter:,} tokens per iter, "
                  f"{device.type} {str(dtype).removeprefix('torch.')}{ranks}, from iter {start_iter}",
