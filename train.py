@@ -334,6 +334,7 @@ def train(config):
             group.update(setting)
         torch.set_rng_state(checkpoint["rng_state"])
         start_iter = checkpoint["iter_num"]
+    del checkpoint  # it holds every table and its moments whole: not to be kept in host memory all run
     value_params = list(model.values.parameters())
     other_params = [p for g in groups if g["name"] != "values" for p in g["params"]]
     wrapped = par.wrap(model)  # DDP, blind to the value tables
@@ -369,7 +370,7 @@ def train(config):
                 losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par)
                 log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                     iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-                if iter_num > start_iter or not checkpoint:
+                if iter_num > start_iter or config["init_from"] == "scratch":
                     save(iter_num)
                 t0, timed_iters = time.time(), 0  # time training steps only
             if iter_num >= config["max_iters"]:
