@@ -159,6 +159,7 @@ def fineweb_documents(inputs, subset):
 
 
 def text_of(line, where):
+    """The 'text' of one jsonl line, or a ValueError that says where the line is."""
     try:
         record = json.loads(line)
     except ValueError:
@@ -265,6 +266,9 @@ def main(argv=None):
         if args.corpus == "fineweb_edu":
             name = args.name
             val_tokens = min(args.num_tokens // 10, 10_000_000) if args.val_tokens is None else args.val_tokens
+            if val_tokens >= args.num_tokens:
+                raise ValueError(f"--val_tokens={val_tokens:,} leaves nothing of --num_tokens={args.num_tokens:,} "
+                                 "to train on")
             source = " ".join(args.input) if args.input else f"{FINEWEB_EDU} ({args.subset})"
             meta = write_shards(fineweb_documents(args.input, args.subset), name, args.data_dir, args.num_tokens,
                                 val_tokens, args.shard_tokens, source)

@@ -65,15 +65,16 @@ def test_writing_again_replaces_every_shard(jsonl, tmp_path):
     assert sorted(os.listdir(tmp_path / "fineweb_edu")) == ["meta.json", "train_000000.bin", "val_000000.bin"]
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"text": "fine"}\nnot json\n', "docs.jsonl line 2 is not a JSON object with a 'text' string"),
-    ('{"body": "no text"}\n', "docs.jsonl line 1 is not a JSON object with a 'text' string"),
-    ('{"text": "short"}\n', "the corpus ran out after 2 tokens, all of them validation tokens"),
+@pytest.mark.parametrize("content, args, message", [
+    ('{"text": "fine"}\nnot json\n', [], "docs.jsonl line 2 is not a JSON object with a 'text' string"),
+    ('{"body": "no text"}\n', [], "docs.jsonl line 1 is not a JSON object with a 'text' string"),
+    ('{"text": "short"}\n', [], "the corpus ran out after 2 tokens, all of them validation tokens"),
+    ('{"text": "fine"}\n', ["--val_tokens=100"], "--val_tokens=100 leaves nothing of --num_tokens=100 to train on"),
 ])
-def test_bad_input_files_are_one_line_errors(tmp_path, content, message):
+def test_bad_inputs_are_one_line_errors(tmp_path, content, args, message):
     (tmp_path / "docs.jsonl").write_text(content)
     with pytest.raises(SystemExit) as stop:
-        fineweb(str(tmp_path / "docs.jsonl"), tmp_path, "--num_tokens=100")
+        fineweb(str(tmp_path / "docs.jsonl"), tmp_path, "--num_tokens=100", *args)
     assert message in str(stop.value) and "\n" not in str(stop.value)
 
 
