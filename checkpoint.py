@@ -5,7 +5,8 @@ torch.load(weights_only=True), so loading never runs code. Writing goes to a tem
 folder, is fsynced, and only then renamed over ckpt.pt; the checkpoint it replaces becomes ckpt.prev.pt.
 A crash at any moment leaves at least one complete checkpoint. On load, the CRC32 of every record in
 the file (torch.save's zip format stores them) is checked, so a truncated or bit-flipped file is
-reported instead of being loaded as garbage.
+reported instead of being loaded as garbage. Loads map the file (copy-on-write) rather than read it, so
+the ranks of a node that each load a large checkpoint share one copy in the page cache.
 """
 import os
 import zipfile
@@ -54,7 +55,7 @@ def load_checkpoint(path, device="cpu"):
             bad = archive.testzip()
         if bad is not None:
             raise CheckpointError(f"cannot read checkpoint {path}: record {bad} is corrupted (CRC mismatch)")
-        return torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True, mmap=True)
     except CheckpointError:
         raise
     except Exception as e:

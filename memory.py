@@ -20,15 +20,28 @@ from kernels import embedding_bag
 
 
 class ValueTable(nn.Module):
-    """The memory's values: (n_keys**2, v_dim) rows, read a few at a time by the memory layers."""
+    """The memory's values: (n_keys**2, v_dim) rows, read a few at a time by the memory layers.
 
-    def __init__(self, num_values, v_dim):
+    `columns` (a slice of range(v_dim)) is the part of the table this module holds: all of it here, one
+    shard per rank in distributed.ShardedValueTable.
+    """
+
+    INIT_ROWS = 8192  # rows drawn at a time by reset_parameters
+
+    def __init__(self, num_values, v_dim, columns=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_values, v_dim))
+        self.v_dim = v_dim
+        self.columns = columns or slice(0, v_dim)
+        self.weight = nn.Parameter(torch.empty(num_values, self.columns.stop - self.columns.start))
         self.reset_parameters()
 
+    @torch.no_grad()
     def reset_parameters(self):
-        nn.init.normal_(self.weight, mean=0.0, std=self.weight.shape[1] ** -0.5)
+        """N(0, v_dim**-0.5), drawn in blocks of full-width rows and cut to the held columns: every column
+        layout gets the same table from the same seed, and none builds the whole table at once."""
+        for start in range(0, len(self.weight), self.INIT_ROWS):
+            rows = torch.randn(min(self.INIT_ROWS, len(self.weight) - start), self.v_dim, device=self.weight.device)
+            self.weight[start:start + len(rows)] = rows[:, self.columns] * self.v_dim ** -0.5
 
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""

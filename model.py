@@ -221,7 +221,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, value_table=ValueTable):
+        """value_table(num_values, v_dim) makes each value table; training on several ranks passes one that
+        holds a column shard (distributed.Parallel.value_table)."""
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
@@ -233,7 +235,7 @@ class GPT(nn.Module):
         self.rotary = RotaryEmbedding(config.n_embd // config.n_head, config.block_size, config.rope_theta)
         # value tables: values[table_of_layer[i]] serves memory layer i
         n_tables = min(1, len(config.memory_layers)) if config.mem_share_values else len(config.memory_layers)
-        self.values = nn.ModuleList(ValueTable(config.mem_n_keys ** 2, config.mem_v_dim) for _ in range(n_tables))
+        self.values = nn.ModuleList(value_table(config.mem_n_keys ** 2, config.mem_v_dim) for _ in range(n_tables))
         self.table_of_layer = {layer: (0 if config.mem_share_values else slot)
                                for slot, layer in enumerate(sorted(config.memory_layers))}
         self.reset_parameters()
@@ -315,9 +317,9 @@ class GPT(nn.Module):
         """Total parameters, and parameters active per token: each feed-forward block says how many of
         its own (and of the value rows it reads) a token uses; an untied input embedding counts one row."""
         cfg = self.config
-        total = sum(p.numel() for p in self.parameters())
-        ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters())
-        ffn_total += sum(p.numel() for p in self.values.parameters())
+        tables = sum(len(t.weight) * t.v_dim for t in self.values)  # whole, also where a rank holds a column shard
+        total = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("values.")) + tables
+        ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters()) + tables
         ffn_active = sum(block.ffn.active_params() for block in self.blocks)
         embedding = 0 if cfg.tie_embeddings else self.tok_emb.weight.numel() - cfg.n_embd
         return {"total": total, "active": total - ffn_total + ffn_active - embedding}

@@ -2,12 +2,19 @@
 
     python prepare_data.py shakespeare [--input PATH] [--tokenizer compact|gpt2|char]
     python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ...]
+    python prepare_data.py fineweb_edu --num_tokens N [--input JSONL ...] [--shard_tokens S] [--val_tokens V]
+
+fineweb_edu streams HuggingFaceFW/fineweb-edu from the Hugging Face hub (`pip install datasets`, needed
+for that alone), or reads local jsonl files with the same "text" field, and writes GPT-2 ids in numbered
+shards, val_000000.bin, ..., then train_000000.bin, ..., so that no file has to hold the whole corpus.
 
 Tokenizers: "gpt2" (tiktoken's GPT-2 BPE, 50257 ids), "compact" (GPT-2 BPE restricted to the ids the
 corpus uses, renumbered 0..V-1: a small CPU model is otherwise dominated by a 50257-row output layer)
 and "char" (one id per character). meta.json holds what is needed to decode, so sample.py needs only it.
 """
 import argparse
+import glob
+import itertools
 import json
 import os
 import sys
@@ -16,6 +23,7 @@ import urllib.request
 import numpy as np
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 TOKENIZERS = ("compact", "gpt2", "char")
 
 
@@ -125,6 +133,112 @@ def shakespeare_text(input_path, data_dir):
     return read_text([cached]), SHAKESPEARE_URL
 
 
+def fineweb_documents(inputs, subset):
+    """The texts of fineweb-edu: from local jsonl files (one {"text": ...} per line), else streamed."""
+    if not inputs:
+        try:
+            import datasets  # optional: only this corpus needs it
+        except ImportError:
+            raise ValueError("streaming fineweb_edu needs the Hugging Face `datasets` package: pip install datasets "
+                             "(or pass local jsonl files with --input)")
+        try:
+            yield from (row["text"] for row in datasets.load_dataset(FINEWEB_EDU, name=subset, split="train",
+                                                                     streaming=True))
+        except OSError as e:  # the hub unreachable, also midway
+            raise ValueError(f"cannot stream {FINEWEB_EDU} from the Hugging Face hub ({type(e).__name__}: {e}); "
+                             "pass local jsonl files with --input")
+        return
+    for path in inputs:
+        try:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if line.strip():
+                        yield text_of(line, f"{path} line {number}")
+        except OSError as e:
+            raise ValueError(f"cannot read input file {path}: {e.strerror}")
+
+
+def text_of(line, where):
+    """The 'text' of one jsonl line, or a ValueError that says where the line is."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f"{where} is not a JSON object with a 'text' string")
+    return record["text"]
+
+
+def gpt2_ids(documents, encoding, batch=256):
+    """Each document's GPT-2 ids led by <|endoftext|> (the separator GPT-2 trained with), as uint16;
+    tiktoken encodes a batch of documents on all cores."""
+    documents = iter(documents)
+    while texts := list(itertools.islice(documents, batch)):
+        for ids in encoding.encode_ordinary_batch(texts, num_threads=os.cpu_count()):
+            yield np.array([encoding.eot_token, *ids], dtype=np.uint16)
+
+
+class ShardWriter:
+    """Writes a split's ids to numbered files of shard_tokens ids each: split_000000.bin, split_000001.bin, ..."""
+
+    def __init__(self, folder, split, shard_tokens):
+        self.folder, self.split = folder, split
+        self.buffer, self.filled = np.empty(shard_tokens, dtype=np.uint16), 0
+        self.shards = self.written = 0
+
+    def write(self, ids):
+        while len(ids):
+            take = min(len(ids), len(self.buffer) - self.filled)
+            self.buffer[self.filled:self.filled + take] = ids[:take]
+            self.filled, ids = self.filled + take, ids[take:]
+            if self.filled == len(self.buffer):
+                self.flush()
+
+    def flush(self):
+        if self.filled:
+            self.buffer[:self.filled].tofile(os.path.join(self.folder, f"{self.split}_{self.shards:06d}.bin"))
+            self.shards, self.written, self.filled = self.shards + 1, self.written + self.filled, 0
+
+
+def write_shards(documents, name, data_dir, num_tokens, val_tokens, shard_tokens, source):
+    """Tokenise documents until num_tokens ids: the first val_tokens go to the val shards, the rest to the
+    train shards (replacing whatever data_dir/name held); writes meta.json and returns it."""
+    folder = os.path.join(data_dir, name)
+    os.makedirs(folder, exist_ok=True)
+    # stale shards would be read as part of the data; meta.json, written last, marks a finished dataset
+    for old in glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "meta.json")):
+        os.remove(old)
+    encoding = gpt2_encoding()
+    val, train = (ShardWriter(folder, split, shard_tokens) for split in ("val", "train"))
+    written = 0
+    for ids in gpt2_ids(documents, encoding):
+        ids = ids[:num_tokens - written]
+        to_val = max(0, min(len(ids), val_tokens - written))
+        val.write(ids[:to_val])
+        train.write(ids[to_val:])
+        written += len(ids)
+        if written == num_tokens:
+            break
+    val.flush()
+    train.flush()
+    if not train.written:
+        raise ValueError(f"the corpus ran out after {written:,} tokens, all of them validation tokens "
+                         f"(--val_tokens={val_tokens:,}): nothing to train on")
+    meta = {"name": name, "tokenizer": "gpt2", "vocab_size": encoding.n_vocab, "train_tokens": train.written,
+            "val_tokens": val.written, "shard_tokens": shard_tokens, "source": source}
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+    return meta
+
+
+def count(text):
+    """A token count for the command line: 1000000 or 1e6."""
+    value = float(text)
+    if value != int(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(value)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="corpus", required=True)
@@ -139,14 +253,32 @@ def main(argv=None):
         else:
             p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files, concatenated")
             p.add_argument("--name", required=True)
+    p = sub.add_parser("fineweb_edu")
+    p.add_argument("--num_tokens", type=count, required=True, help="tokens to write, validation included (1e9 works)")
+    p.add_argument("--val_tokens", type=count, help="the first ones, for validation (default: a tenth, at most 10M)")
+    p.add_argument("--shard_tokens", type=count, default=100_000_000, help="tokens per shard file (default: 1e8)")
+    p.add_argument("--subset", default="sample-10BT", help="fineweb-edu configuration to stream (default: sample-10BT)")
+    p.add_argument("--input", nargs="+", help="local jsonl files with a 'text' field instead of the hub")
+    p.add_argument("--name", default="fineweb_edu")
+    p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
     args = parser.parse_args(argv)
     try:
-        if args.corpus == "shakespeare":
-            text, source = shakespeare_text(args.input, args.data_dir)
-            name = args.name or ("shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
+        if args.corpus == "fineweb_edu":
+            name = args.name
+            val_tokens = min(args.num_tokens // 10, 10_000_000) if args.val_tokens is None else args.val_tokens
+            if val_tokens >= args.num_tokens:
+                raise ValueError(f"--val_tokens={val_tokens:,} leaves nothing of --num_tokens={args.num_tokens:,} "
+                                 "to train on")
+            source = " ".join(args.input) if args.input else f"{FINEWEB_EDU} ({args.subset})"
+            meta = write_shards(fineweb_documents(args.input, args.subset), name, args.data_dir, args.num_tokens,
+                                val_tokens, args.shard_tokens, source)
         else:
-            text, source, name = read_text(args.input), " ".join(args.input), args.name
-        meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
+            if args.corpus == "shakespeare":
+                text, source = shakespeare_text(args.input, args.data_dir)
+                name = args.name or ("shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
+            else:
+                text, source, name = read_text(args.input), " ".join(args.input), args.name
+            meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {os.path.join(args.data_dir, name)}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "

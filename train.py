@@ -1,13 +1,17 @@
 """Train a GPT whose feed-forward blocks are dense, memory, MoE or PEER layers.
 
     python train.py configs/NAME.py [--key=value ...]
+    torchrun --standalone --nproc_per_node=N train.py configs/NAME.py [--mem_parallel=M ...]
 
 A config file is Python that assigns keys (see TrainConfig and model.GPTConfig for all of them and
 their defaults); --key=value overrides it. Logs go to OUT_DIR/log.jsonl (one JSON object per event),
 the checkpoint to OUT_DIR/ckpt.pt (a plain dict: torch.load(..., weights_only=True) reads it).
+Under torchrun, batch_size is per rank, rank 0 alone logs and writes, and the value tables are split
+by columns over groups of mem_parallel ranks (distributed.py); checkpoints do not depend on the layout.
 """
 import ast
 import difflib
+import glob
 import json
 import math
 import os
@@ -20,7 +24,9 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
+import distributed
 from checkpoint import load_checkpoint, load_latest, save_checkpoint
 from model import GPT, ConfigError, GPTConfig
 
@@ -56,6 +62,7 @@ class TrainConfig:
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
     compile: bool = False
     seed: int = 1337
+    mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
@@ -121,31 +128,60 @@ def load_config(argv):
 
 
 # ---- data -------------------------------------------------------------------------------------------
+class Tokens:
+    """A split's uint16 token ids, stored in one file or in numbered shards, read as one sequence."""
+
+    def __init__(self, paths):
+        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in paths]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # of each shard, then the end
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def read(self, start, length):
+        """The ids at start..start+length-1, across shard boundaries."""
+        parts, shard = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            part = self.shards[shard][start - self.starts[shard]:start - self.starts[shard] + length]
+            parts.append(part)
+            start, length, shard = start + len(part), length - len(part), shard + 1
+        return np.concatenate(parts)
+
+
 def load_dataset(config):
-    """train/val token memmaps and meta.json of data_dir/dataset, with a clear error when missing."""
+    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset."""
     folder = os.path.join(config["data_dir"], config["dataset"])
-    paths = {name: os.path.join(folder, name) for name in ("train.bin", "val.bin", "meta.json")}
-    missing = [name for name, path in paths.items() if not os.path.exists(path)]
+    files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
+             else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
+    missing = [f"{s}.bin" for s, paths in files.items() if not paths]
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        missing.append("meta.json")
     if missing:
         raise ConfigError(f"dataset '{config['dataset']}' not found ({folder} lacks {', '.join(missing)}): make it "
                           f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
                           f"--name {config['dataset']}`")
-    with open(paths["meta.json"]) as f:
+    with open(os.path.join(folder, "meta.json")) as f:
         meta = json.load(f)
-    splits = {s: np.memmap(paths[f"{s}.bin"], dtype=np.uint16, mode="r") for s in ("train", "val")}
+    splits = {s: Tokens(paths) for s, paths in files.items()}
     for split, data in splits.items():
         if len(data) <= config["block_size"]:
             raise ConfigError(f"block_size={config['block_size']} needs more than {len(data)} tokens, "
-                              f"the size of {folder}/{split}.bin: lower block_size")
+                              f"the size of {data.name}: lower block_size")
     return splits, meta
 
 
-def get_batch(data, batch_size, block_size, generator, device, vocab_size):
-    """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64."""
-    starts = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    windows = torch.from_numpy(np.stack([data[s:s + block_size + 1] for s in starts]).astype(np.int64))
+def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=0, world=1):
+    """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64.
+
+    With world ranks the generator draws world*batch_size windows and rank takes its batch_size of them,
+    so the ranks together see exactly the batch that one process with world*batch_size would.
+    """
+    starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
+    windows = torch.from_numpy(np.stack([data.read(s, block_size + 1) for s in starts]).astype(np.int64))
     if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
-        raise ConfigError(f"{data.filename} holds token id {int(windows.max())}, beyond the vocabulary of "
+        raise ConfigError(f"{data.name} holds token id {int(windows.max())}, beyond the vocabulary of "
                           f"{vocab_size} in its meta.json: prepare the dataset again")
     windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
     return windows[:, :-1], windows[:, 1:]
@@ -197,18 +233,22 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, config, device, autocast, vocab_size):
-    """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare."""
+def estimate_loss(model, splits, config, device, autocast, vocab_size, par):
+    """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare.
+
+    Every rank evaluates its part of each batch (par: distributed.Parallel), then the means are averaged.
+    """
     model.eval()
     out = {}
     for split, data in splits.items():
         generator = torch.Generator().manual_seed(config["seed"])
         losses = []
         for _ in range(config["eval_iters"]):
-            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, vocab_size)
+            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, vocab_size,
+                             par.rank, par.world)
             with autocast:
                 losses.append(model(x, y)[1].float())
-        out[split] = torch.stack(losses).mean().item()
+        out[split] = par.mean(torch.stack(losses).mean()).item()
     model.train()
     return out
 
@@ -265,6 +305,11 @@ def train(config):
     os.makedirs(config["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
+    par = distributed.setup(config["mem_parallel"], device, model_config)
+    device = par.device
+    if dtype == torch.float16 and par.world > 1:
+        raise ConfigError("dtype='float16' skips steps on overflow rank by rank, so ranks would drift apart: "
+                          "use 'bfloat16' or 'float32' with several processes")
 
     checkpoint = None
     if config["init_from"] == "resume":
@@ -274,9 +319,9 @@ def train(config):
                   for k, v in checkpoint["model_config"].items() if now.get(k) != v]
         if differ:
             raise ConfigError(f"config contradicts {ckpt_source}: {'; '.join(differ)}")
-    model = GPT(model_config)
+    model = GPT(model_config, value_table=par.value_table)
     if checkpoint:
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
     model.to(device)
     groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
     optimizer = torch.optim.AdamW(groups, betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
@@ -284,28 +329,35 @@ def train(config):
     start_iter = 0
     if checkpoint:
         settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        optimizer.load_state_dict(par.own_columns(checkpoint["optimizer"], model))
         for group, setting in zip(optimizer.param_groups, settings):  # the config, not the checkpoint, decides
             group.update(setting)
         torch.set_rng_state(checkpoint["rng_state"])
         start_iter = checkpoint["iter_num"]
+    del checkpoint  # it holds every table and its moments whole: not to be kept in host memory all run
     value_params = list(model.values.parameters())
     other_params = [p for g in groups if g["name"] != "values" for p in g["params"]]
-    step_model = torch.compile(model) if config["compile"] else model
+    wrapped = par.wrap(model)  # DDP, blind to the value tables
+    step_model = torch.compile(wrapped) if config["compile"] else wrapped
 
-    log = Logger(config["out_dir"])
+    log = Logger(config["out_dir"]) if par.is_main else lambda *args, **fields: None
     counts = model.param_counts()
-    tokens_per_iter = config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    tokens_per_iter = par.world * config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    ranks = f", {par.world} ranks, tables split over groups of {par.mem_parallel}" if par.world > 1 else ""
     log("start", f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
                  f"{model.flops_per_token():,} forward FLOPs per token, {tokens_per_iter:,} tokens per iter, "
-                 f"{device.type} {str(dtype).removeprefix('torch.')}, from iter {start_iter}",
+                 f"{device.type} {str(dtype).removeprefix('torch.')}{ranks}, from iter {start_iter}",
         iter=start_iter, params=counts["total"], active_params=counts["active"],
-        flops_per_token=model.flops_per_token(), tokens_per_iter=tokens_per_iter, device=device.type)
+        flops_per_token=model.flops_per_token(), tokens_per_iter=tokens_per_iter, device=device.type,
+        world=par.world, mem_parallel=par.mem_parallel)
 
     def save(iter_num):
-        save_checkpoint({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "model_config": asdict(model_config), "config": config, "meta": meta,
-                         "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
+        """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
+        state = par.full_state(model, optimizer)
+        if par.is_main:
+            save_checkpoint({"model": state[0], "optimizer": state[1], "model_config": asdict(model_config),
+                             "config": config, "meta": meta, "iter_num": iter_num,
+                             "rng_state": torch.get_rng_state()}, ckpt_path)
 
     stop = StopRequest()
     try:
@@ -315,10 +367,10 @@ def train(config):
             for g in optimizer.param_groups:
                 g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size)
+                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par)
                 log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
                     iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
-                if iter_num > start_iter or not checkpoint:
+                if iter_num > start_iter or config["init_from"] == "scratch":
                     save(iter_num)
                 t0, timed_iters = time.time(), 0  # time training steps only
             if iter_num >= config["max_iters"]:
@@ -326,16 +378,20 @@ def train(config):
 
             generator = batch_generator(config["seed"], iter_num)
             loss_sum = 0.0
-            for _ in range(config["gradient_accumulation_steps"]):
+            micro_steps = config["gradient_accumulation_steps"]
+            for micro_step in range(micro_steps):
                 x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device,
-                                 model_config.vocab_size)
-                with autocast:
-                    loss = step_model(x, y)[1] / config["gradient_accumulation_steps"]
-                scaler.scale(loss).backward()
+                                 model_config.vocab_size, par.rank, par.world)
+                with par.sync(wrapped, last_micro_step=micro_step == micro_steps - 1):
+                    with autocast:
+                        loss = step_model(x, y)[1] / micro_steps
+                    scaler.scale(loss).backward()
                 loss_sum += loss.detach()
+            par.average_value_grads(model.values)
+            loss_sum = par.mean(loss_sum)  # with the norms below, the same on every rank: all take the same branch
             scaler.unscale_(optimizer)
             grad_norm = clip(other_params, config["grad_clip"])
-            value_grad_norm = clip(value_params, config["mem_value_grad_clip"])
+            value_grad_norm = clip(value_params, config["mem_value_grad_clip"], par.mp_group)
             # the GradScaler skips non-finite fp16 steps itself; otherwise check (one host sync per step)
             if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm + value_grad_norm):
                 message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum)}, gradient norm "
@@ -361,23 +417,34 @@ def train(config):
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
                     tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
                     **model.routing_stats())
-            if stop.signum is not None:
+            signum = par.max(stop.signum or 0)  # a signal to any rank stops them all
+            if signum:
                 save(iter_num)
-                name = signal.Signals(stop.signum).name
+                name = signal.Signals(signum).name
                 log("stop", f"{name}: stopped at iter {iter_num}, checkpoint written to {ckpt_path}; "
                             "continue with --init_from=resume", iter=iter_num, signal=name)
-                sys.exit(128 + stop.signum)
+                sys.exit(128 + signum)
     finally:
         stop.restore()
     return model
 
 
-def clip(params, max_norm):
-    """Clip params' gradients to max_norm (0: only measure); returns the norm before clipping."""
+def clip(params, max_norm, group=None):
+    """Clip params' gradients to max_norm (0: only measure); returns the norm before clipping.
+
+    group: the ranks holding the other column shards of params; the norm is then the whole table's, the
+    same on each of them (a collective).
+    """
     params = [p for p in params if p.grad is not None]
     if not params:
         return torch.zeros(())
-    return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if group is not None:
+        norm = norm.square()
+        dist.all_reduce(norm, group=group)
+        norm = norm.sqrt()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else float("inf"), norm)
+    return norm
 
 
 def main(argv=None):
@@ -385,6 +452,8 @@ def main(argv=None):
         train(load_config(sys.argv[1:] if argv is None else argv))
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    finally:
+        distributed.shutdown()
 
 
 if __name__ == "__main__":

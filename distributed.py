@@ -1,0 +1,307 @@
+"""Training on several processes (torchrun): DDP for the dense weights, value tables split by columns.
+
+    torchrun --standalone --nproc_per_node=N train.py configs/X.py [--mem_parallel=M]
+    python distributed.py configs/X.py [--key=value ...]   # what each rank holds, for M = 1, 2, 4, 8
+
+The ranks form memory-parallel groups of M consecutive ranks (so a group stays inside a node when M
+divides the GPUs per node). In a group each rank holds every row of each value table but only v_dim/M
+of its columns (DESIGN.md section 2); ranks holding the same columns in different groups are replicas.
+Every other parameter is replicated on all ranks and averaged by DistributedDataParallel, which never
+sees the tables. NCCL on GPUs, gloo on CPU.
+
+A read (ShardedValueTable.forward) all-gathers the (indices, weights) of the group's tokens, bags all of
+them on this rank's columns, and an all-to-all hands each rank its own tokens' rows at full width. The
+backward runs the reverse all-to-all and reduce-scatters the weight gradients (partial sums over the
+column shards) back to their tokens' ranks; a shard's own gradient sums the group's tokens. Once a step,
+Parallel.average_value_grads divides it by the world size and sums it over the replicas: the mean over
+all ranks' losses, which is what DDP makes of every other gradient.
+
+Checkpoints hold each table whole, gathered on rank 0, so they load with any layout and on one CPU.
+"""
+import os
+import sys
+from contextlib import nullcontext
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from kernels import embedding_bag
+from memory import ValueTable
+from model import GPT, ConfigError, GPTConfig
+
+# torch 2.13 renamed the single-tensor collectives; older versions have only the old names
+all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+class GatherTokens(torch.autograd.Function):
+    """(n, ...) on each rank -> (M*n, ...): every token of the group, in rank order, on every rank.
+
+    Backward: each rank's gradient of the gathered tensor is a partial sum (its own columns only), so a
+    reduce-scatter sums them and hands each rank the rows of its own tokens.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        out = x.new_empty((group.size() * len(x), *x.shape[1:]))
+        all_gather_single(out, x.contiguous(), group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        out = grad.new_empty((len(grad) // ctx.group.size(), *grad.shape[1:]))
+        reduce_scatter_single(out, grad.contiguous(), group=ctx.group)
+        return out, None
+
+
+def all_to_all(x, group):
+    """Chunk j of x's rows goes to rank j of group; chunk i of the result came from rank i."""
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x.contiguous(), group=group)
+    return out
+
+
+class ColumnsToTokens(torch.autograd.Function):
+    """(M*n, v_dim/M), the group's tokens on this rank's columns -> (n, v_dim), this rank's tokens whole.
+
+    Backward: the same exchange the other way round.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        m, n = group.size(), len(x) // group.size()
+        return all_to_all(x, group).view(m, n, -1).transpose(0, 1).reshape(n, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        m, n = ctx.group.size(), len(grad)
+        return all_to_all(grad.reshape(n, m, -1).transpose(0, 1).reshape(m * n, -1), ctx.group), None
+
+
+def take_columns(table, state_dict, prefix, *args):
+    """load_state_dict pre-hook: checkpoints hold each table whole; a shard loads its columns of it."""
+    key = prefix + "weight"
+    if key in state_dict and state_dict[key].shape[-1] == table.v_dim:
+        state_dict[key] = state_dict[key][:, table.columns]
+
+
+class ShardedValueTable(ValueTable):
+    """Columns [shard*v_dim/shards, (shard+1)*v_dim/shards) of a value table; reads go through `group`."""
+
+    def __init__(self, num_values, v_dim, shard, shards, group):
+        width = v_dim // shards
+        super().__init__(num_values, v_dim, slice(shard * width, (shard + 1) * width))
+        self.group = group
+        self.register_load_state_dict_pre_hook(take_columns)
+
+    def forward(self, indices, weights):
+        """As ValueTable.forward; every rank of the group must read as many tokens (equal batch shapes)."""
+        indices, weights = GatherTokens.apply(indices, self.group), GatherTokens.apply(weights, self.group)
+        return ColumnsToTokens.apply(embedding_bag(self.weight, indices, weights), self.group)
+
+
+def value_state_ids(optimizer_state):
+    """Where the value tables' parameters are in an optimizer state dict: its group 'values', in table order."""
+    return [i for group in optimizer_state["param_groups"] if group["name"] == "values" for i in group["params"]]
+
+
+class Parallel:
+    """This process's place in a run: `world` ranks, value tables split over groups of `mem_parallel`.
+
+    One process without torchrun is world 1: then nothing is wrapped and no method runs a collective.
+    Every method that does run one must be called by all ranks alike (each says so).
+    """
+
+    def __init__(self, device, rank=0, world=1, mem_parallel=1, mp_group=None, replica_group=None):
+        self.device, self.rank, self.world, self.mem_parallel = device, rank, world, mem_parallel
+        self.mp_group = mp_group  # the ranks that hold the other columns of this rank's tables
+        self.replica_group = replica_group  # the ranks, one per group, that hold the same columns
+
+    @property
+    def is_main(self):
+        """Rank 0 alone logs and writes files."""
+        return self.rank == 0
+
+    def value_table(self, num_values, v_dim):
+        """The GPT's value_table factory: this rank's column shard of each table, or the table whole."""
+        if self.mem_parallel == 1:
+            return ValueTable(num_values, v_dim)
+        return ShardedValueTable(num_values, v_dim, self.rank % self.mem_parallel, self.mem_parallel, self.mp_group)
+
+    def wrap(self, model):
+        """DDP over every parameter but the value tables (collective); the model itself on one process.
+
+        DDP ignores the buffers too: they are rotary tables, computed alike on every rank, and
+        broadcasting them each forward would only cost time (and break torch.compile's graph).
+        """
+        if self.world == 1:
+            return model
+        ignored = [name for name, _ in model.named_parameters() if name.startswith("values.")]
+        ignored += [name for name, _ in model.named_buffers()]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+        return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
+
+    def sync(self, wrapped, last_micro_step):
+        """Context for a micro-step's forward and backward: DDP averages gradients on the last one only."""
+        return nullcontext() if self.world == 1 or last_micro_step else wrapped.no_sync()
+
+    def average_value_grads(self, tables):
+        """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank)."""
+        if self.world == 1:
+            return
+        for p in tables.parameters():
+            p.grad.div_(self.world)
+            if self.replica_group is not None:
+                dist.all_reduce(p.grad, group=self.replica_group)
+
+    def mean(self, x):
+        """x averaged over all ranks (collective: every rank)."""
+        if self.world == 1:
+            return x
+        x = x.detach().clone()
+        dist.all_reduce(x)
+        return x / self.world
+
+    def max(self, value):
+        """The largest of every rank's int (collective: every rank)."""
+        if self.world == 1:
+            return value
+        t = torch.tensor(value, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t)
+
+    def full_state(self, model, optimizer):
+        """(model, optimizer) state dicts with each table and its AdamW moments whole, on rank 0; None elsewhere.
+
+        Collective: every rank calls it; the first group's ranks send their columns to rank 0, the others
+        hold replicas of them and send nothing.
+        """
+        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        if self.mem_parallel > 1 and self.rank < self.mem_parallel:
+            ids = value_state_ids(optimizer_state)
+            for k, table in enumerate(model.values):
+                model_state[f"values.{k}.weight"] = self.gather_columns(table.weight.detach())
+                if ids[k] in optimizer_state["state"]:  # a new dict: the optimizer's own state stays as it is
+                    optimizer_state["state"][ids[k]] = {name: self.gather_columns(t) if t.dim() == 2 else t
+                                                        for name, t in optimizer_state["state"][ids[k]].items()}
+        return (model_state, optimizer_state) if self.is_main else None
+
+    def gather_columns(self, shard):
+        """The first group's column shards joined on rank 0's CPU (None on the senders), one shard on the
+        wire at a time, so that rank 0's device never holds a whole table."""
+        if not self.is_main:
+            dist.send(shard.contiguous(), dst=0)
+            return None
+        width = shard.shape[1]
+        whole = torch.empty(len(shard), width * self.mem_parallel, dtype=shard.dtype)
+        whole[:, :width] = shard.cpu()
+        received = torch.empty_like(shard)
+        for src in range(1, self.mem_parallel):
+            dist.recv(received, src=src)
+            whole[:, src * width:(src + 1) * width] = received.cpu()
+        return whole
+
+    def own_columns(self, optimizer_state, model):
+        """A checkpoint's optimizer state (tables' moments whole) with each table's moments cut to the
+        columns this rank holds; the model's tables cut their own weights as they load (take_columns)."""
+        if self.mem_parallel > 1:
+            ids = value_state_ids(optimizer_state)
+            for k, table in enumerate(model.values):
+                if ids[k] in optimizer_state["state"]:
+                    optimizer_state["state"][ids[k]] = {
+                        name: t[:, table.columns].contiguous() if t.dim() == 2 else t
+                        for name, t in optimizer_state["state"][ids[k]].items()}
+        return optimizer_state
+
+
+def setup(mem_parallel, device, model_config):
+    """This process's Parallel, from the environment torchrun sets (RANK, WORLD_SIZE, LOCAL_RANK, ...).
+
+    The layout is checked before any process group exists, so a bad one stops every rank at once with
+    the same one-line error. On GPUs each rank takes cuda:LOCAL_RANK.
+    """
+    world = int(os.environ.get("WORLD_SIZE", 1)) if "RANK" in os.environ else 1
+    if mem_parallel < 1:
+        raise ConfigError(f"mem_parallel must be at least 1, got {mem_parallel}")
+    if world == 1 and mem_parallel > 1:
+        raise ConfigError(f"mem_parallel={mem_parallel} splits the value tables over that many processes: launch "
+                          f"with torchrun --nproc_per_node={mem_parallel} (or a multiple of it) train.py ...")
+    if world % mem_parallel:
+        raise ConfigError(f"mem_parallel={mem_parallel} must divide the number of processes, {world}")
+    if model_config.memory_layers and model_config.mem_v_dim % mem_parallel:
+        raise ConfigError(f"mem_parallel={mem_parallel} must divide mem_v_dim={model_config.mem_v_dim}: each rank "
+                          "holds mem_v_dim/mem_parallel columns of the value tables")
+    if world == 1:
+        return Parallel(device)
+    if device.type not in ("cuda", "cpu"):
+        raise ConfigError(f"training on several processes runs on cuda (NCCL) or cpu (gloo), not {device.type}")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return joined(device, mem_parallel)
+
+
+def joined(device, mem_parallel):
+    """The Parallel of a process in an initialised process group: makes the memory-parallel groups of
+    mem_parallel consecutive ranks and the groups of their replicas (collective: every rank)."""
+    rank, world, m = dist.get_rank(), dist.get_world_size(), mem_parallel
+    mp_group = replica_group = None
+    if m > 1:
+        mp_group, _ = dist.new_subgroups_by_enumeration([list(range(g, g + m)) for g in range(0, world, m)])
+    if world > m:
+        replica_group, _ = dist.new_subgroups_by_enumeration([list(range(s, world, m)) for s in range(m)])
+    return Parallel(device, rank, world, m, mp_group, replica_group)
+
+
+def shutdown():
+    """Leave the process group if this process joined one: at exit, after an error too."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# ---- what each rank holds -------------------------------------------------------------------------------
+def bytes_per_rank(model_config, mem_parallel):
+    """Parameters on one rank and the bytes of its fp32 weights, gradients, DDP buckets and AdamW moments."""
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = GPT(model_config, value_table=partial(ShardedValueTable, shard=0, shards=mem_parallel, group=None))
+    table = sum(p.numel() for p in model.values.parameters())
+    replicated = sum(p.numel() for p in model.parameters()) - table
+    held = {"weights": 4 * (table + replicated), "grads": 4 * (table + replicated),
+            "DDP buckets": 4 * replicated,  # DDP all-reduces a copy of the replicated gradients
+            "AdamW": 8 * (table + replicated)}  # exp_avg and exp_avg_sq
+    return {"table": table, "replicated": replicated, **held, "total": sum(held.values())}
+
+
+def main(argv=None):
+    """Print what each rank holds for a config (as train.py reads it), for memory-parallel groups of 1-8."""
+    from train import MODEL_KEYS, load_config  # train imports this module
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        config = load_config(argv)
+        model_config = GPTConfig(vocab_size=50257, **{k: config[k] for k in MODEL_KEYS})
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
+    values = model_config.mem_n_keys ** 2 if model_config.memory_layers else 0
+    full = bytes_per_rank(model_config, 1)
+    print(f"{' '.join(argv)}: {values:,} values x {model_config.mem_v_dim} ({full['table'] / 1e6:,.1f}M table "
+          f"parameters), {full['replicated'] / 1e6:,.1f}M replicated parameters (GPT-2 vocabulary of 50257)")
+    print("per rank, fp32, GiB; any number of groups (a rank's share depends on mem_parallel only); "
+          "activations not included")
+    columns = ["weights", "grads", "DDP buckets", "AdamW", "total"]
+    print(f"{'mem_parallel':>12} {'params/rank':>12} " + " ".join(f"{c:>11}" for c in columns))
+    for m in (1, 2, 4, 8):
+        if model_config.mem_v_dim % m == 0:
+            held = bytes_per_rank(model_config, m)
+            print(f"{m:>12} {(held['table'] + held['replicated']) / 1e6:>11,.1f}M " +
+                  " ".join(f"{held[c] / 2**30:>11.2f}" for c in columns))
+    print(f"a checkpoint (weights and AdamW moments, tables whole) is {(full['weights'] + full['AdamW']) / 2**30:.2f} "
+          "GiB, gathered in rank 0's host memory to be written")
+
+
+if __name__ == "__main__":
+    main()
