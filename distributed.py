@@ -160,11 +160,15 @@ class Parallel:
 
     def mean(self, x):
         """x averaged over all ranks (collective: every rank)."""
+        return self.sum(x) / self.world
+
+    def sum(self, x):
+        """x summed over all ranks (collective: every rank)."""
         if self.world == 1:
             return x
         x = x.detach().clone()
         dist.all_reduce(x)
-        return x / self.world
+        return x
 
     def max(self, value):
         """The largest of every rank's int (collective: every rank)."""

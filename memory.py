@@ -33,6 +33,7 @@ class ValueTable(nn.Module):
         self.v_dim = v_dim
         self.columns = columns or slice(0, v_dim)
         self.weight = nn.Parameter(torch.empty(num_values, self.columns.stop - self.columns.start))
+        self.usage = None  # while measuring: (num_values,) fp32, the summed weight each row was read with
         self.reset_parameters()
 
     @torch.no_grad()
@@ -46,6 +47,20 @@ class ValueTable(nn.Module):
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
         return embedding_bag(self.weight, indices, weights)
+
+    def record_usage(self, indices, weights):
+        """Add a read's weights to `usage` when measuring (ProductKeyMemory calls it with its own tokens)."""
+        if self.usage is not None:
+            self.usage.index_add_(0, indices.flatten(), weights.detach().flatten().float())
+
+
+def usage_stats(usage):
+    """The PKM paper's memory usage of a (num_values,) read-weight tally: the fraction of rows read at all,
+    and the KL divergence of the normalised read weights from uniform (0 when every row is read equally,
+    log(num_values) when one row takes everything)."""
+    p = usage / usage.sum()
+    kl = (p * (p * len(p)).log()).nan_to_num().sum()  # 0 * log 0 counts as 0
+    return {"read_fraction": (usage > 0).float().mean().item(), "kl_uniform": kl.item()}
 
 
 @functools.lru_cache(maxsize=None)
@@ -150,6 +165,7 @@ class ProductKeyMemory(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.dim)
         indices, weights = self.lookup(x)
+        values.record_usage(indices, weights)
         y = values(indices, weights)
         if self.swilu:
             y = self.w2(y.to(x.dtype) * F.silu(self.w1(x)))

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 import distributed
 from checkpoint import load_checkpoint, load_latest, save_checkpoint
+from memory import usage_stats
 from model import GPT, ConfigError, GPTConfig
 
 
@@ -233,14 +234,17 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, config, device, autocast, vocab_size, par):
+def estimate_loss(model, splits, config, device, autocast, vocab_size, par, tables):
     """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare.
 
     Every rank evaluates its part of each batch (par: distributed.Parallel), then the means are averaged.
+    On the val split the value tables' usage is measured too (memory.usage_stats, one entry per table).
     """
     model.eval()
     out = {}
     for split, data in splits.items():
+        for table in tables:
+            table.usage = torch.zeros(len(table.weight), device=device) if split == "val" else None
         generator = torch.Generator().manual_seed(config["seed"])
         losses = []
         for _ in range(config["eval_iters"]):
@@ -249,6 +253,11 @@ def estimate_loss(model, splits, config, device, autocast, vocab_size, par):
             with autocast:
                 losses.append(model(x, y)[1].float())
         out[split] = par.mean(torch.stack(losses).mean()).item()
+    stats = [usage_stats(par.sum(table.usage)) for table in tables]
+    for table in tables:
+        table.usage = None
+    if stats:
+        out.update({f"mem_{key}": [s[key] for s in stats] for key in stats[0]})
     model.train()
     return out
 
@@ -367,9 +376,12 @@ def train(config):
             for g in optimizer.param_groups:
                 g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par)
-                log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                    iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par,
+                                       model.values)
+                usage = "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
+                                zip(losses.get("mem_read_fraction", []), losses.get("mem_kl_uniform", [])))
+                log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{usage}",
+                    iter=iter_num, train_loss=losses.pop("train"), val_loss=losses.pop("val"), **losses)
                 if iter_num > start_iter or config["init_from"] == "scratch":
                     save(iter_num)
                 t0, timed_iters = time.time(), 0  # time training steps only

@@ -114,3 +114,28 @@ def test_search_stays_fp32_under_autocast():
         s1, _ = layer.half_scores(x)
         _, weights = layer.lookup(x)
     assert s1.dtype == torch.float32 and weights.dtype == torch.float32
+
+
+def test_usage_stats_on_known_distributions():
+    import math
+    from memory import usage_stats
+    assert usage_stats(torch.ones(64)) == {"read_fraction": 1.0, "kl_uniform": 0.0}
+    one_row = usage_stats(torch.zeros(64).index_fill_(0, torch.tensor([5]), 3.0))
+    assert one_row["read_fraction"] == 1 / 64 and math.isclose(one_row["kl_uniform"], math.log(64), rel_tol=1e-6)
+    half = usage_stats(torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert half["read_fraction"] == 0.5 and math.isclose(half["kl_uniform"], math.log(2), rel_tol=1e-6)
+
+
+def test_recorded_usage_is_the_read_weights_of_the_brute_force_lookup():
+    torch.manual_seed(7)
+    layer = ProductKeyMemory(dim=16, n_keys=6, heads=2, knn=3, k_dim=8, v_dim=16).double()
+    values = ValueTable(36, 16).double()
+    x = torch.randn(9, 16, dtype=torch.float64)
+    layer(x, values)  # not measuring: nothing recorded
+    assert values.usage is None
+    values.usage = torch.zeros(36)
+    layer(x, values)
+    idx, _, w = brute_force_lookup(layer, x)
+    want = torch.zeros(36, dtype=torch.float64).index_add_(0, idx.flatten(), w.flatten())
+    torch.testing.assert_close(values.usage, want.float())
+    assert values.usage.sum().item() == pytest.approx(9 * 2)  # each head's weights sum to 1

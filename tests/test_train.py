@@ -32,6 +32,8 @@ def test_tiny_model_drives_the_loss_down(char_data_dir, tmp_path, memory_layers)
     train(config)
     evals = read_log(tmp_path, "eval")
     assert evals[0]["train_loss"] > 3.5  # about ln(vocab size) at init
+    if memory_layers:  # the value table's usage is measured at every eval
+        assert 0 < evals[-1]["mem_read_fraction"][0] <= 1 and evals[-1]["mem_kl_uniform"][0] >= 0
     assert evals[-1]["train_loss"] < evals[0]["train_loss"] - 1.0
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 
