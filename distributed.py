@@ -101,7 +101,25 @@ class ShardedValueTable(ValueTable):
     def forward(self, indices, weights):
         """As ValueTable.forward; every rank of the group must read as many tokens (equal batch shapes)."""
         indices, weights = GatherTokens.apply(indices, self.group), GatherTokens.apply(weights, self.group)
-        return ColumnsToTokens.apply(embedding_bag(self.weight, indices, weights), self.group)
+        rows = embedding_bag(self.weight, indices, weights, sparse_grad=self.sparse_grad)
+        return ColumnsToTokens.apply(rows, self.group)
+
+
+def gather_rows(grad, group):
+    """A sparse row gradient summed over group: every rank's rows, padded to the longest for the gather."""
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(group.size())]
+    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device), group=group)
+    longest = int(max(sizes))
+    gathered_rows = [rows.new_empty(longest) for _ in sizes]
+    gathered_values = [values.new_empty(longest, values.shape[1]) for _ in sizes]
+    dist.all_gather(gathered_rows, torch.cat([rows, rows.new_zeros(longest - len(rows))]), group=group)
+    dist.all_gather(gathered_values, torch.cat([values, values.new_zeros(longest - len(rows), values.shape[1])]),
+                    group=group)
+    rows = torch.cat([r[:int(n)] for r, n in zip(gathered_rows, sizes)])
+    values = torch.cat([v[:int(n)] for v, n in zip(gathered_values, sizes)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()
 
 
 def value_state_ids(optimizer_state):
@@ -150,12 +168,18 @@ class Parallel:
         return nullcontext() if self.world == 1 or last_micro_step else wrapped.no_sync()
 
     def average_value_grads(self, tables):
-        """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank)."""
+        """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank).
+
+        Dense gradients are all-reduced over the replicas; sparse row gradients (mem_sparse_update) are
+        all-gathered, since each replica touched its own rows.
+        """
         if self.world == 1:
             return
         for p in tables.parameters():
             p.grad.div_(self.world)
-            if self.replica_group is not None:
+            if self.replica_group is not None and p.grad.is_sparse:
+                p.grad = gather_rows(p.grad, self.replica_group)
+            elif self.replica_group is not None:
                 dist.all_reduce(p.grad, group=self.replica_group)
 
     def mean(self, x):
@@ -178,21 +202,28 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t)
 
-    def full_state(self, model, optimizer):
-        """(model, optimizer) state dicts with each table and its AdamW moments whole, on rank 0; None elsewhere.
+    def full_model_state(self, model):
+        """The model's state dict with each table whole, on rank 0; None elsewhere.
 
         Collective: every rank calls it; the first group's ranks send their columns to rank 0, the others
         hold replicas of them and send nothing.
         """
-        model_state, optimizer_state = model.state_dict(), optimizer.state_dict()
+        state = model.state_dict()
         if self.mem_parallel > 1 and self.rank < self.mem_parallel:
-            ids = value_state_ids(optimizer_state)
             for k, table in enumerate(model.values):
-                model_state[f"values.{k}.weight"] = self.gather_columns(table.weight.detach())
-                if ids[k] in optimizer_state["state"]:  # a new dict: the optimizer's own state stays as it is
-                    optimizer_state["state"][ids[k]] = {name: self.gather_columns(t) if t.dim() == 2 else t
-                                                        for name, t in optimizer_state["state"][ids[k]].items()}
-        return (model_state, optimizer_state) if self.is_main else None
+                state[f"values.{k}.weight"] = self.gather_columns(table.weight.detach())
+        return state if self.is_main else None
+
+    def full_optimizer_state(self, optimizer):
+        """An optimizer's state dict with the tables' moments whole, on rank 0; None elsewhere (collective,
+        as full_model_state). Per-row state (RowAdamW's step counts) is the same on every shard."""
+        state = optimizer.state_dict()
+        if self.mem_parallel > 1 and self.rank < self.mem_parallel:
+            for i in value_state_ids(state):
+                if i in state["state"]:  # a new dict: the optimizer's own state stays as it is
+                    state["state"][i] = {name: self.gather_columns(t) if t.dim() == 2 else t
+                                         for name, t in state["state"][i].items()}
+        return state if self.is_main else None
 
     def gather_columns(self, shard):
         """The first group's column shards joined on rank 0's CPU (None on the senders), one shard on the
@@ -213,12 +244,11 @@ class Parallel:
         """A checkpoint's optimizer state (tables' moments whole) with each table's moments cut to the
         columns this rank holds; the model's tables cut their own weights as they load (take_columns)."""
         if self.mem_parallel > 1:
-            ids = value_state_ids(optimizer_state)
-            for k, table in enumerate(model.values):
-                if ids[k] in optimizer_state["state"]:
-                    optimizer_state["state"][ids[k]] = {
+            for i, table in zip(value_state_ids(optimizer_state), model.values):
+                if i in optimizer_state["state"]:
+                    optimizer_state["state"][i] = {
                         name: t[:, table.columns].contiguous() if t.dim() == 2 else t
-                        for name, t in optimizer_state["state"][ids[k]].items()}
+                        for name, t in optimizer_state["state"][i].items()}
         return optimizer_state
 
 

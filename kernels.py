@@ -31,19 +31,25 @@ WEIGHT_GRADS = ("deterministic", "atomic")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_grad="deterministic"):
+def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_grad="deterministic",
+                  sparse_grad=False):
     """Weighted sum of rows. weight (N, dim); indices (tokens, bag) int32/int64; per_sample_weights
     (tokens, bag) any float dtype.
 
-    Returns (tokens, dim) in weight's dtype, differentiable in weight (a dense (N, dim) gradient, as
-    autograd demands) and per_sample_weights. backend: "auto" (Triton for CUDA tensors when Triton is
-    installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic"
-    (see the module docstring).
+    Returns (tokens, dim) in weight's dtype, differentiable in weight and per_sample_weights. The table
+    gradient is dense (N, dim), or with sparse_grad a sparse COO tensor holding only the rows read
+    (coalesced, for optim.RowAdamW). backend: "auto" (Triton for CUDA tensors when Triton is installed,
+    PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see the module
+    docstring). The op is registered with torch.library, so torch.compile keeps it in its graph (with
+    sparse_grad the backward, whose output is sparse, falls back to eager).
     """
     use_triton = _use_triton(backend, weight_grad, weight, indices, per_sample_weights)
-    if indices.numel() and not 0 <= indices.min() <= indices.max() < weight.shape[0]:
-        raise ValueError(f"embedding_bag: indices must lie in [0, {weight.shape[0]})")
-    return _EmbeddingBag.apply(weight, indices, per_sample_weights, use_triton, weight_grad)
+    in_range = f"embedding_bag: indices must lie in [0, {weight.shape[0]})"
+    if indices.is_cuda or torch.compiler.is_compiling():  # checked on the device: no host sync, no graph break
+        torch._assert_async(((indices >= 0) & (indices < weight.shape[0])).all(), in_range)
+    elif indices.numel() and not 0 <= indices.min() <= indices.max() < weight.shape[0]:
+        raise ValueError(in_range)
+    return _bag_op(weight, indices, per_sample_weights, use_triton, weight_grad, sparse_grad)
 
 
 def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto", weight_grad="deterministic"):
@@ -92,41 +98,88 @@ def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
     return True
 
 
-class _EmbeddingBag(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, weight, indices, per_sample_weights, use_triton, weight_grad):
-        ctx.save_for_backward(weight, indices, per_sample_weights)
-        ctx.use_triton, ctx.weight_grad = use_triton, weight_grad
-        if not use_triton:
-            return F.embedding_bag(indices, weight, per_sample_weights=per_sample_weights.to(weight.dtype),
-                                   mode="sum")
-        tokens, bag = indices.shape
-        offsets = torch.arange(0, tokens * bag + 1, bag, device=indices.device)
-        return _bag(weight, indices, per_sample_weights, offsets, True)
+_NAMESPACE = __name__.replace(".", "_")  # the tests load a second, interpreted copy of this module
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out):
-        weight, indices, per_sample_weights = ctx.saved_tensors
-        need_weight, _, need_psw = ctx.needs_input_grad[:3]
-        grad_weight = grad_psw = None
-        if ctx.use_triton:
-            if need_weight and ctx.weight_grad == "atomic":
-                grad_weight = _dense_atomic_grad(weight, indices, per_sample_weights, grad_out)
-            elif need_weight:
-                pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
-                grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, pairs.offsets, True)
-            if need_psw:
-                grad_psw = _pair_dots(weight, indices, grad_out)
-        else:
-            pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
-            if need_weight:
-                grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, pairs.offsets, False)
-            if need_psw:
-                grad_psw = _torch_pair_dots(weight, indices, grad_out, pairs)
-        if grad_psw is not None:
-            grad_psw = grad_psw.to(per_sample_weights.dtype)
-        return grad_weight, None, grad_psw, None, None
+
+@torch.library.custom_op(f"{_NAMESPACE}::embedding_bag", mutates_args=())
+def _bag_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor, use_triton: bool,
+            weight_grad: str, sparse_grad: bool) -> torch.Tensor:
+    if not use_triton:
+        return F.embedding_bag(indices, weight, per_sample_weights=per_sample_weights.to(weight.dtype), mode="sum")
+    tokens, bag = indices.shape
+    offsets = torch.arange(0, tokens * bag + 1, bag, device=indices.device)
+    return _bag(weight, indices, per_sample_weights, offsets, True)
+
+
+@_bag_op.register_fake
+def _(weight, indices, per_sample_weights, use_triton, weight_grad, sparse_grad):
+    return weight.new_empty(indices.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::embedding_bag_backward", mutates_args=())
+def _bag_backward_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
+                     grad_out: torch.Tensor, use_triton: bool, weight_grad: str, need_weight: bool,
+                     need_psw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense table gradient, per-sample weight gradient), each empty when not needed."""
+    grad_weight, grad_psw = weight.new_empty(0), per_sample_weights.new_empty(0)
+    pairs = None
+    if need_weight and use_triton and weight_grad == "atomic":
+        grad_weight = _dense_atomic_grad(weight, indices, per_sample_weights, grad_out)
+    elif need_weight or (need_psw and not use_triton):
+        pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
+        if need_weight:
+            grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, pairs.offsets, use_triton)
+    if need_psw:
+        grad_psw = _psw_grad(weight, indices, grad_out, use_triton, pairs).to(per_sample_weights.dtype)
+    return grad_weight, grad_psw
+
+
+@_bag_backward_op.register_fake
+def _(weight, indices, per_sample_weights, grad_out, use_triton, weight_grad, need_weight, need_psw):
+    return (weight.new_empty(weight.shape if need_weight else 0),
+            per_sample_weights.new_empty(per_sample_weights.shape if need_psw else 0))
+
+
+def _sparse_backward(weight, indices, per_sample_weights, grad_out, use_triton, weight_grad, need_psw):
+    """(table gradient as a coalesced sparse COO tensor of the rows read, per-sample weight gradient)."""
+    if use_triton:
+        rows, grads = embedding_bag_row_grad(indices, per_sample_weights, grad_out, "triton", weight_grad)
+        pairs = None
+    else:  # one sort serves both gradients
+        pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
+        rows = pairs.offsets.diff().nonzero().squeeze(1)
+        offsets = torch.cat([pairs.offsets[rows], pairs.offsets[-1:]])
+        grads = _bag(grad_out, pairs.tokens, pairs.weights, offsets, False)
+    grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grads.to(weight.dtype), weight.shape,
+                                          is_coalesced=True, check_invariants=False)
+    grad_psw = _psw_grad(weight, indices, grad_out, use_triton, pairs) if need_psw else None
+    return grad_weight, grad_psw
+
+
+def _psw_grad(weight, indices, grad_out, use_triton, pairs):
+    if use_triton:
+        return _pair_dots(weight, indices, grad_out)
+    return _torch_pair_dots(weight, indices, grad_out, pairs)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, indices, per_sample_weights, ctx.use_triton, ctx.weight_grad, ctx.sparse_grad = inputs
+    ctx.save_for_backward(weight, indices, per_sample_weights)
+
+
+def _backward(ctx, grad_out):
+    weight, indices, per_sample_weights = ctx.saved_tensors
+    need_weight, _, need_psw = ctx.needs_input_grad[:3]
+    if need_weight and ctx.sparse_grad:
+        grad_weight, grad_psw = _sparse_backward(weight, indices, per_sample_weights, grad_out, ctx.use_triton,
+                                                 ctx.weight_grad, need_psw)
+    else:
+        grad_weight, grad_psw = _bag_backward_op(weight, indices, per_sample_weights, grad_out, ctx.use_triton,
+                                                 ctx.weight_grad, need_weight, need_psw)
+    return (grad_weight if need_weight else None), None, (grad_psw if need_psw else None), None, None, None
+
+
+_bag_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _PairsByRow(NamedTuple):

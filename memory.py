@@ -34,6 +34,7 @@ class ValueTable(nn.Module):
         self.columns = columns or slice(0, v_dim)
         self.weight = nn.Parameter(torch.empty(num_values, self.columns.stop - self.columns.start))
         self.usage = None  # while measuring: (num_values,) fp32, the summed weight each row was read with
+        self.sparse_grad = False  # True: gradients hold the rows read only (for optim.RowAdamW)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -46,7 +47,7 @@ class ValueTable(nn.Module):
 
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
-        return embedding_bag(self.weight, indices, weights)
+        return embedding_bag(self.weight, indices, weights, sparse_grad=self.sparse_grad)
 
     def record_usage(self, indices, weights):
         """Add a read's weights to `usage` when measuring (ProductKeyMemory calls it with its own tokens)."""

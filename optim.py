@@ -44,22 +44,29 @@ class RowAdamW(torch.optim.Optimizer):
                 p.index_copy_(0, rows, new.to(p.dtype))
 
 
-def clip_row_grad_norm_(params, max_norm):
-    """Clip sparse row gradients to a total norm of max_norm (0: only measure); returns the norm before.
+def clip_grad_norm_(params, max_norm, group=None):
+    """Clip params' gradients, dense or sparse rows, to a total norm of max_norm (0: only measure);
+    returns the norm before clipping.
 
-    Duplicate rows (several layers or micro-steps reading the same row) are summed first, so the norm
-    is that of the dense gradient, computed from the touched rows alone.
+    Sparse row gradients are coalesced first (rows read by several layers or micro-steps summed), so the
+    norm is that of the dense gradient, computed from the touched rows alone. group: the ranks holding
+    the other column shards of params; the norm is then the whole table's, the same on each of them (a
+    collective).
     """
     grads = []
     for p in params:
-        if p.grad is not None:
+        if p.grad is not None and p.grad.is_sparse:
             p.grad = p.grad.coalesce()
-            grads.append(p.grad.values())
+            grads.append(p.grad.values())  # a view: clipping it clips the gradient
+        elif p.grad is not None:
+            grads.append(p.grad)
     if not grads:
         return torch.zeros(())
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for g in grads:
-            g.mul_(scale.to(g.dtype))
+    norm = torch.nn.utils.get_total_norm(grads)
+    if group is not None:
+        norm = norm.square()
+        torch.distributed.all_reduce(norm, group=group)
+        norm = norm.sqrt()
+    if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s coefficient
+        torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 import distributed
 from checkpoint import load_checkpoint, load_latest, save_checkpoint
+from optim import RowAdamW, clip_grad_norm_
 from memory import usage_stats
 from model import GPT, ConfigError, GPTConfig
 
@@ -57,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
     mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
     mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
+    mem_sparse_update: bool = False  # value tables: touched-row gradients and RowAdamW instead of dense AdamW
     nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (weights untouched) or 'skip' the step
     # system
     device: str = "auto"  # 'auto': cuda, then mps, then cpu
@@ -300,6 +301,19 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+def make_optimizers(model, config, device):
+    """{"optimizer": AdamW} over every parameter group (model.optimizer_groups), or with mem_sparse_update
+    AdamW without the value tables plus {"value_optimizer": RowAdamW} over them (touched rows only)."""
+    groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
+    betas = (config["beta1"], config["beta2"])
+    value_groups = [g for g in groups if g["name"] == "values"] if config["mem_sparse_update"] else []
+    dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
+    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")}
+    if value_groups:
+        optimizers["value_optimizer"] = RowAdamW(value_groups, betas=betas)
+    return optimizers
+
+
 class NonFiniteError(ConfigError):
     """A non-finite loss or gradient with nonfinite='stop'."""
 
@@ -332,20 +346,26 @@ def train(config):
     if checkpoint:
         model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
     model.to(device)
-    groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
-    optimizer = torch.optim.AdamW(groups, betas=(config["beta1"], config["beta2"]), fused=device.type == "cuda")
+    for table in model.values:
+        table.sparse_grad = config["mem_sparse_update"]
+    optimizers = make_optimizers(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
     if checkpoint:
-        settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
-        optimizer.load_state_dict(par.own_columns(checkpoint["optimizer"], model))
-        for group, setting in zip(optimizer.param_groups, settings):  # the config, not the checkpoint, decides
-            group.update(setting)
+        if set(optimizers) != {name for name in ("optimizer", "value_optimizer") if name in checkpoint}:
+            raise ConfigError(f"{ckpt_source} was trained with mem_sparse_update={not config['mem_sparse_update']}: "
+                              "resume with the same setting")
+        for name, optimizer in optimizers.items():
+            settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
+            optimizer.load_state_dict(par.own_columns(checkpoint[name], model))
+            for group, setting in zip(optimizer.param_groups, settings):  # the config, not the checkpoint, decides
+                group.update(setting)
         torch.set_rng_state(checkpoint["rng_state"])
         start_iter = checkpoint["iter_num"]
     del checkpoint  # it holds every table and its moments whole: not to be kept in host memory all run
     value_params = list(model.values.parameters())
-    other_params = [p for g in groups if g["name"] != "values" for p in g["params"]]
+    value_ids = {id(p) for p in value_params}
+    other_params = [p for p in model.parameters() if id(p) not in value_ids]
     wrapped = par.wrap(model)  # DDP, blind to the value tables
     step_model = torch.compile(wrapped) if config["compile"] else wrapped
 
@@ -362,19 +382,20 @@ def train(config):
 
     def save(iter_num):
         """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
-        state = par.full_state(model, optimizer)
+        state = {"model": par.full_model_state(model),
+                 **{name: par.full_optimizer_state(optimizer) for name, optimizer in optimizers.items()}}
         if par.is_main:
-            save_checkpoint({"model": state[0], "optimizer": state[1], "model_config": asdict(model_config),
-                             "config": config, "meta": meta, "iter_num": iter_num,
-                             "rng_state": torch.get_rng_state()}, ckpt_path)
+            save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
+                             "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
 
     stop = StopRequest()
     try:
         iter_num, t0, timed_iters = start_iter, time.time(), 0
         while True:
             factor = lr_factor(iter_num, config)
-            for g in optimizer.param_groups:
-                g["lr"] = g["peak_lr"] * factor
+            for optimizer in optimizers.values():
+                for g in optimizer.param_groups:
+                    g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
                 losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par,
                                        model.values)
@@ -401,9 +422,10 @@ def train(config):
                 loss_sum += loss.detach()
             par.average_value_grads(model.values)
             loss_sum = par.mean(loss_sum)  # with the norms below, the same on every rank: all take the same branch
-            scaler.unscale_(optimizer)
-            grad_norm = clip(other_params, config["grad_clip"])
-            value_grad_norm = clip(value_params, config["mem_value_grad_clip"], par.mp_group)
+            for optimizer in optimizers.values():
+                scaler.unscale_(optimizer)
+            grad_norm = clip_grad_norm_(other_params, config["grad_clip"])
+            value_grad_norm = clip_grad_norm_(value_params, config["mem_value_grad_clip"], par.mp_group)
             # the GradScaler skips non-finite fp16 steps itself; otherwise check (one host sync per step)
             if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm + value_grad_norm):
                 message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum)}, gradient norm "
@@ -413,9 +435,11 @@ def train(config):
                                          "from it with a lower learning_rate, or set nonfinite='skip'")
                 log("skip", f"{message}: step skipped", iter=iter_num)
             else:
-                scaler.step(optimizer)
+                for optimizer in optimizers.values():
+                    scaler.step(optimizer)
                 scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
             iter_num += 1
             timed_iters += 1
 
@@ -439,24 +463,6 @@ def train(config):
     finally:
         stop.restore()
     return model
-
-
-def clip(params, max_norm, group=None):
-    """Clip params' gradients to max_norm (0: only measure); returns the norm before clipping.
-
-    group: the ranks holding the other column shards of params; the norm is then the whole table's, the
-    same on each of them (a collective).
-    """
-    params = [p for p in params if p.grad is not None]
-    if not params:
-        return torch.zeros(())
-    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if group is not None:
-        norm = norm.square()
-        dist.all_reduce(norm, group=group)
-        norm = norm.sqrt()
-    torch.nn.utils.clip_grads_with_norm_(params, max_norm if max_norm > 0 else float("inf"), norm)
-    return norm
 
 
 def main(argv=None):

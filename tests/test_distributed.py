@@ -221,6 +221,20 @@ def test_a_checkpoint_of_another_model_stops_every_rank(runs, tmp_path):
         assert err.startswith("error: config contradicts") and "n_embd=32 in the checkpoint but 64 now" in err
 
 
+def test_sparse_updates_on_two_groups_of_two_follow_the_one_process_curve(char_data_dir, tmp_path):
+    """Row gradients and RowAdamW: 4 ranks (2 memory-parallel groups whose replicas gather each other's
+    rows) against 1 process with the whole batch."""
+    results = wait_all([
+        train(tmp_path / "one", char_data_dir, "--batch_size=8", "--max_iters=3", "--mem_sparse_update=True"),
+        torchrun(4, tmp_path / "four", char_data_dir, "--batch_size=2", "--mem_parallel=2", "--max_iters=3",
+                 "--mem_sparse_update=True")])
+    assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
+    one, four = losses(tmp_path / "one"), losses(tmp_path / "four")
+    assert sorted(four) == sorted(one)
+    for key, loss in four.items():
+        assert abs(loss - one[key]) < LOSS_TOLERANCE, (key, loss, one[key])
+
+
 # ---- bad launches ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("world, mem_parallel, v_dim, message", [
     (1, 2, 32, "mem_parallel=2 splits the value tables over that many processes: launch with torchrun "

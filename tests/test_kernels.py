@@ -253,3 +253,48 @@ def test_bench_kernels_json(capsys):
         assert r["fwd_gbps"] == pytest.approx((32 * 4 + 32) * 24 * 4 / r["fwd_ms"] / 1e6)
         assert r["bwd_gbps"] == pytest.approx((32 * 4 + 32 + 64) * 24 * 4 / r["bwd_ms"] / 1e6)
     assert report["copy_gbps"] > 0
+
+
+@pytest.mark.parametrize("backend,weight_grad", CONFIGS)
+@pytest.mark.parametrize("pattern", ["random", "skewed", "repeats"])
+def test_sparse_table_gradient_holds_the_touched_rows_of_the_dense_one(backend, weight_grad, pattern):
+    """sparse_grad: a sparse gradient whose rows are exactly those read, equal to the reference's."""
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(50, 13, generator=gen).requires_grad_()
+    indices = make_indices(pattern, 7, 9, 50, gen)
+    weights = torch.rand(7, 9, generator=gen).requires_grad_()
+    grad_out = torch.randn(7, 13, generator=gen)
+    kernels.embedding_bag(weight, indices, weights, backend=backend, weight_grad=weight_grad,
+                          sparse_grad=True).backward(grad_out)
+    _, want_grad_weight, want_grad_weights = reference(weight, indices, weights, grad_out)
+    assert weight.grad.is_sparse
+    assert torch.equal(weight.grad._indices()[0], indices.flatten().unique())  # each row once, sorted
+    assert_close(weight.grad.to_dense(), want_grad_weight, torch.float32)
+    assert_close(weights.grad, want_grad_weights, torch.float32)
+
+
+def test_sparse_gradients_of_several_reads_accumulate():
+    """Two reads of one table (two memory layers, or two micro-steps) sum their touched rows."""
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(30, 5, generator=gen).requires_grad_()
+    reads = [(torch.randint(0, 30, (4, 6), generator=gen), torch.rand(4, 6, generator=gen)) for _ in range(2)]
+    sum(kernels.embedding_bag(weight, i, w, sparse_grad=True).square().sum() for i, w in reads).backward()
+    dense = weight.detach().clone().requires_grad_()
+    sum(F.embedding_bag(i, dense, per_sample_weights=w, mode="sum").square().sum() for i, w in reads).backward()
+    assert weight.grad.is_sparse
+    assert_close(weight.grad.to_dense(), dense.grad.double(), torch.float32)
+
+
+def test_compile_keeps_the_op_in_one_graph():
+    """torch.compile traces through the registered op (dense gradient): no graph break, same result."""
+    import torch._dynamo
+    import kernels as imported_kernels  # dynamo re-imports modules by name: not the interpreted copy
+    torch._dynamo.reset()
+    weight, indices, weights = small_inputs()
+    weight.requires_grad_()
+    fn = lambda w, i, p: imported_kernels.embedding_bag(w, i, p).sin().sum()
+    explanation = torch._dynamo.explain(fn)(weight, indices, weights)
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1
+    eager = torch.autograd.grad(fn(weight, indices, weights), weight)[0]
+    compiled = torch.autograd.grad(torch.compile(fn, backend="aot_eager")(weight, indices, weights), weight)[0]
+    torch.testing.assert_close(compiled, eager)

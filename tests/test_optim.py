@@ -1,7 +1,7 @@
 """RowAdamW against torch.optim.AdamW run on each row alone; touched-row clipping against dense clipping."""
 import torch
 
-from optim import RowAdamW, clip_row_grad_norm_
+from optim import RowAdamW, clip_grad_norm_
 
 
 def sparse_rows(rows, values, shape):
@@ -46,7 +46,7 @@ def test_clipping_touched_rows_equals_clipping_the_dense_gradient():
     grads = [sparse_rows([1, 4, 1, 8], torch.randn(4, 3) * 3, (10, 3)), sparse_rows([0, 5], torch.randn(2, 3), (6, 3))]
     dense = [g.to_dense() for g in grads]
     a.grad, b.grad = grads
-    norm = clip_row_grad_norm_([a, b], max_norm=1.0)
+    norm = clip_grad_norm_([a, b], max_norm=1.0)
 
     da, db = torch.nn.Parameter(a.detach().clone()), torch.nn.Parameter(b.detach().clone())
     da.grad, db.grad = dense
@@ -58,5 +58,5 @@ def test_clipping_touched_rows_equals_clipping_the_dense_gradient():
 
     a.grad = sparse_rows([2], torch.full((1, 3), 0.1), (10, 3))
     b.grad = None
-    assert clip_row_grad_norm_([a, b], max_norm=1.0) < 1.0  # below the limit: unchanged
+    assert clip_grad_norm_([a, b], max_norm=1.0) < 1.0  # below the limit: unchanged
     torch.testing.assert_close(a.grad.to_dense()[2], torch.full((3,), 0.1))

@@ -38,9 +38,10 @@ def test_tiny_model_drives_the_loss_down(char_data_dir, tmp_path, memory_layers)
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 
 
-def test_resume_continues_exactly(char_data_dir, tmp_path):
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense-adamw", "row-adamw"])
+def test_resume_continues_exactly(char_data_dir, tmp_path, sparse):
     """N iterations, a stop and M more give the same losses as N+M in one run (CPU, fp32)."""
-    common = dict(eval_interval=4, log_interval=1, lr_decay_iters=12, memory_layers=(0,))
+    common = dict(eval_interval=4, log_interval=1, lr_decay_iters=12, memory_layers=(0,), mem_sparse_update=sparse)
     train(config_for(char_data_dir, tmp_path / "once", max_iters=12, **common))
     train(config_for(char_data_dir, tmp_path / "twice", max_iters=8, **common))
     train(config_for(char_data_dir, tmp_path / "twice", max_iters=12, init_from="resume", **common))
@@ -50,6 +51,21 @@ def test_resume_continues_exactly(char_data_dir, tmp_path):
 
     checkpoint = torch.load(tmp_path / "twice" / "ckpt.pt", weights_only=True)
     assert checkpoint["iter_num"] == 12 and checkpoint["meta"]["tokenizer"] == "char"
+    assert ("value_optimizer" in checkpoint) == sparse
+
+
+def test_sparse_updates_leave_unread_rows_alone(char_data_dir, tmp_path):
+    """With mem_sparse_update, a value row no token read keeps its initial value (dense AdamW would decay it)."""
+    config = config_for(char_data_dir, tmp_path, max_iters=5, eval_interval=5, memory_layers=(1,), mem_n_keys=16,
+                        mem_sparse_update=True)
+    trained = train(config).values[0].weight.detach()
+    initial = torch.load(tmp_path / "ckpt.prev.pt", weights_only=True)  # written at iter 0
+    assert initial["iter_num"] == 0
+    initial = initial["model"]["values.0.weight"]
+    steps = torch.load(tmp_path / "ckpt.pt", weights_only=True)["value_optimizer"]["state"][0]["step"]
+    assert (steps == 0).any() and (steps > 0).any()
+    assert torch.equal(trained[steps == 0], initial[steps == 0])
+    assert not torch.equal(trained[steps > 0], initial[steps > 0])
 
 
 def run(script, *args, cwd=ROOT):
