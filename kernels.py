@@ -98,10 +98,7 @@ def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
     return True
 
 
-_NAMESPACE = __name__.replace(".", "_")  # the tests load a second, interpreted copy of this module
-
-
-@torch.library.custom_op(f"{_NAMESPACE}::embedding_bag", mutates_args=())
+@torch.library.custom_op("memory_layers::embedding_bag", mutates_args=())
 def _bag_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor, use_triton: bool,
             weight_grad: str, sparse_grad: bool) -> torch.Tensor:
     if not use_triton:
@@ -116,7 +113,7 @@ def _(weight, indices, per_sample_weights, use_triton, weight_grad, sparse_grad)
     return weight.new_empty(indices.shape[0], weight.shape[1])
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::embedding_bag_backward", mutates_args=())
+@torch.library.custom_op("memory_layers::embedding_bag_backward", mutates_args=())
 def _bag_backward_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
                      grad_out: torch.Tensor, use_triton: bool, weight_grad: str, need_weight: bool,
                      need_psw: bool) -> tuple[torch.Tensor, torch.Tensor]:

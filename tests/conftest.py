@@ -7,6 +7,10 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared")
 sys.path.insert(0, ROOT)
+# Triton reads TRITON_INTERPRET when it is imported and when kernels are defined: set before anything
+# imports them, so the Triton kernels run on CPU tensors (tests/test_kernels.py). CPU tensors take the
+# PyTorch path everywhere else, so nothing else changes.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
 

@@ -2,30 +2,14 @@
 
 The Triton kernels run through Triton's interpreter (about 10^4x slower than compiled): tiny shapes.
 """
-import importlib.util
 import json
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels  # conftest set TRITON_INTERPRET=1 first
 
-def _import_kernels_interpreted():
-    """A fresh copy of kernels.py whose Triton kernels run on CPU tensors through the interpreter.
-
-    TRITON_INTERPRET is read when kernels are defined and another test may already have imported
-    kernels, so the copy is executed here with the variable set (it stays set for the session).
-    """
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-    spec = importlib.util.spec_from_file_location("kernels_interpreted", Path(__file__).parents[1] / "kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-kernels = _import_kernels_interpreted()
 needs_triton = pytest.mark.skipif(not kernels._INTERPRETED,
                                   reason="needs Triton with TRITON_INTERPRET=1 (Triton missing or variable set to 0)")
 CONFIGS = [  # (backend, weight_grad)
@@ -288,11 +272,10 @@ def test_sparse_gradients_of_several_reads_accumulate():
 def test_compile_keeps_the_op_in_one_graph():
     """torch.compile traces through the registered op (dense gradient): no graph break, same result."""
     import torch._dynamo
-    import kernels as imported_kernels  # dynamo re-imports modules by name: not the interpreted copy
     torch._dynamo.reset()
     weight, indices, weights = small_inputs()
     weight.requires_grad_()
-    fn = lambda w, i, p: imported_kernels.embedding_bag(w, i, p).sin().sum()
+    fn = lambda w, i, p: kernels.embedding_bag(w, i, p).sin().sum()
     explanation = torch._dynamo.explain(fn)(weight, indices, weights)
     assert explanation.graph_break_count == 0 and explanation.graph_count == 1
     eager = torch.autograd.grad(fn(weight, indices, weights), weight)[0]
