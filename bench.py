@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python bench.py kernels [--device cpu|cuda] [--json] ...`.
+"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train [--json] ...`.
 
 kernels: forward and backward of kernels.embedding_bag (each backend) against PyTorch's
 F.embedding_bag and against the machine's copy bandwidth (a plain tensor copy timed in the same run).
@@ -7,11 +7,24 @@ Effective bandwidth counts the bytes of rows each call must move (s = bytes per 
   backward: tokens*bag*dim*s rows re-read (per-sample-weight gradient) + tokens*dim*s output gradient
             read + N*dim*s dense table gradient written (the layout autograd demands).
 Tables are bf16 on CUDA (fp32 per-sample weights, as the memory layer passes them), fp32 on CPU.
+
+layer: forward+backward of one memory layer (Memory+: swilu, 4 heads, knn 32, k_dim d/2, v_dim d) at
+N = 2**14 ... 2**20 values, with a dense and with a sparse (touched rows) table gradient, against the
+dense SwiGLU FFN it replaces, on the same tokens. Each measurement runs in a fresh process, so its peak
+memory is its own.
+
+train: a whole training step (forward, backward, clipping, optimizer) of a config, from train.py's own
+timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row updates (RowAdamW), and
+optionally torch.compile; a fresh train.py process per measurement.
 """
 import argparse
 import json
+import multiprocessing
 import os
 import platform
+import subprocess
+import sys
+import tempfile
 import time
 
 import torch
@@ -159,6 +172,99 @@ def run_kernels(args):
     print("fwd x / bwd x: speedup over F.embedding_bag at the same shape")
 
 
+def layer_step(kind, dim, tokens, num_values, device, reps):
+    """Best ms of one forward+backward of a memory layer ("memory", "memory-sparse") or of the dense FFN,
+    and the process's peak memory in MB (run in a fresh process)."""
+    from memory import ProductKeyMemory, ValueTable
+    from model import SwiGLU, GPTConfig
+    torch.manual_seed(0)
+    device = torch.device(device)
+    if kind == "dense":
+        layer, values = SwiGLU(dim, GPTConfig(n_embd=dim, n_head=1).ffn_hidden).to(device), None
+    else:
+        n_keys = round(num_values ** 0.5)
+        layer = ProductKeyMemory(dim, n_keys, heads=4, knn=32, k_dim=dim // 2, v_dim=dim).to(device)
+        values = ValueTable(n_keys ** 2, dim).to(device)
+        values.sparse_grad = kind == "memory-sparse"
+    x = torch.randn(tokens, dim, device=device, requires_grad=True)
+
+    def step(_):
+        for p in list(layer.parameters()) + ([values.weight] if values else []):
+            p.grad = None
+        layer(x, values).square().mean().backward()
+    ms = best_ms(step, device, reps)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024) / 2**20
+    return ms, peak
+
+
+def run_layer(args):
+    """The `layer` subcommand: memory layer against dense FFN across table sizes."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    reps = args.reps or (10 if device == "cuda" else 5)
+    context = multiprocessing.get_context("spawn")
+    rows = []
+    with context.Pool(1, maxtasksperchild=1) as pool:
+        dense_ms, dense_peak = pool.apply(layer_step, ("dense", args.dim, args.tokens, 0, device, reps))
+        for exponent in args.exponents:
+            for kind in ("memory", "memory-sparse"):
+                ms, peak = pool.apply(layer_step, (kind, args.dim, args.tokens, 2**exponent, device, reps))
+                rows.append(dict(values=2**exponent, kind=kind, ms=ms, tokens_per_s=args.tokens / ms * 1e3,
+                                 peak_mb=peak, over_dense=ms / dense_ms))
+    header = dict(machine=machine(torch.device(device)), dim=args.dim, tokens=args.tokens, reps=reps,
+                  dense_ms=dense_ms, dense_peak_mb=dense_peak)
+    if args.json:
+        print(json.dumps(dict(header, results=rows), indent=1))
+        return
+    print(f"{header['machine']}; {args.tokens} tokens, d={args.dim}, 4 heads, knn 32, k_dim {args.dim // 2}; "
+          f"forward+backward, best of {reps}")
+    print(f"dense SwiGLU FFN: {dense_ms:.1f} ms, peak {dense_peak:,.0f} MB")
+    print(f"{'values':>10}{'table grad':>12}{'ms':>9}{'tokens/s':>11}{'peak MB':>10}{'x dense':>9}")
+    for r in rows:
+        grad = "sparse" if r["kind"] == "memory-sparse" else "dense"
+        print(f"{r['values']:>10,}{grad:>12}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_mb']:>10,.0f}"
+              f"{r['over_dense']:>9.2f}")
+
+
+def train_step_ms(config, overrides, iters):
+    """ms per training step and peak memory (MB) of `train.py config overrides`, from its log.jsonl."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), config,
+               f"--out_dir={out_dir}", f"--max_iters={2 * iters}", f"--log_interval={iters}",
+               "--eval_interval=1000000", "--eval_iters=1", *overrides]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise SystemExit(f"bench: {' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
+        with open(os.path.join(out_dir, "log.jsonl")) as f:
+            last = [e for e in map(json.loads, f) if e["event"] == "train"][-1]  # the second window: warm
+    return last["ms_per_iter"], last["peak_memory_mb"], last["tokens_per_s"]
+
+
+def run_train(args):
+    """The `train` subcommand: whole training steps across table sizes and update rules."""
+    variants = [("dense AdamW", ["--mem_sparse_update=False"]), ("RowAdamW", ["--mem_sparse_update=True"])]
+    if args.compile:
+        variants += [(f"{name}, compiled", flags + ["--compile=True"]) for name, flags in variants]
+    rows = []
+    for exponent in args.exponents:
+        for name, flags in variants:
+            ms, peak, tokens_per_s = train_step_ms(args.config, [f"--mem_n_keys={2 ** (exponent // 2)}", *flags,
+                                                                 *args.overrides], args.iters)
+            rows.append(dict(values=2 ** exponent, update=name, ms=ms, tokens_per_s=tokens_per_s, peak_mb=peak))
+    for r in rows:
+        smallest = next(s for s in rows if s["update"] == r["update"])
+        r["over_smallest"] = r["ms"] / smallest["ms"]
+    if args.json:
+        print(json.dumps(dict(config=args.config, overrides=args.overrides, results=rows), indent=1))
+        return
+    print(f"{args.config} {' '.join(args.overrides)}: ms per training step (train.py's own timing, "
+          f"iterations {args.iters + 1}-{2 * args.iters})")
+    print(f"{'values':>10}  {'update':<24}{'ms/step':>9}{'tokens/s':>11}{'peak MB':>10}{'x smallest N':>14}")
+    for r in rows:
+        print(f"{r['values']:>10,}  {r['update']:<24}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_mb']:>10,.0f}"
+              f"{r['over_smallest']:>14.2f}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -170,7 +276,27 @@ def main(argv=None):
     k.add_argument("--reps", type=int, help="timed calls per measurement (default 10 on cuda, 5 on cpu)")
     k.add_argument("--json", action="store_true", help="machine-readable output")
     k.set_defaults(run=run_kernels)
-    args = parser.parse_args(argv)
+    lay = commands.add_parser("layer", help="memory layer forward+backward against the dense FFN, across N")
+    lay.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    lay.add_argument("--dim", type=int, default=256)
+    lay.add_argument("--tokens", type=int, default=4096)
+    lay.add_argument("--exponents", type=lambda t: [int(e) for e in t.split(",")], default=[14, 16, 18, 20],
+                     help="table sizes as powers of two, comma-separated (even: N = n_keys**2)")
+    lay.add_argument("--reps", type=int, help="timed calls per measurement (default 10 on cuda, 5 on cpu)")
+    lay.add_argument("--json", action="store_true")
+    lay.set_defaults(run=run_layer)
+    tr = commands.add_parser("train", help="whole training steps of a config across N, dense vs sparse updates")
+    tr.add_argument("config", nargs="?", default="configs/shakespeare_char_memplus.py")
+    tr.add_argument("overrides", nargs="*", help="--key=value overrides for train.py")
+    tr.add_argument("--exponents", type=lambda t: [int(e) for e in t.split(",")], default=[14, 16, 18, 20])
+    tr.add_argument("--iters", type=int, default=10, help="steps per timing window (the second window counts)")
+    tr.add_argument("--compile", action="store_true", help="also time torch.compile")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(run=run_train)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = getattr(args, "overrides", []) + unknown  # train.py's --key=value
     args.run(args)
 
 

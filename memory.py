@@ -127,24 +127,31 @@ class ProductKeyMemory(nn.Module):
                 nn.init.normal_(lin.weight, std=self.dim ** -0.5)
                 nn.init.zeros_(lin.bias)
 
-    def half_scores(self, x):
-        """Scores of every token's query halves against every sub-key: two (tokens, heads, n_keys), fp32."""
+    def queries_and_keys(self, x):
+        """Query halves (tokens, heads, 2, k_dim/2) and sub-keys (heads, 2, n_keys, k_dim/2), fp32."""
         dtype = torch.promote_types(self.sub_keys.dtype, torch.float32)  # fp32, or fp64 for checks
         q = self.query(x).to(dtype).view(-1, self.heads, 2, self.k_dim // 2)
         keys = self.sub_keys.to(dtype)
         if self.qk_norm:
-            q = F.rms_norm(q, (self.k_dim // 2,)) * self.query_gain.float()
+            q = F.rms_norm(q, (self.k_dim // 2,)) * self.query_gain.to(dtype)
             keys = F.rms_norm(keys, (self.k_dim // 2,)) / math.sqrt(self.k_dim // 2)
+        return q, keys
+
+    @staticmethod
+    def half_scores(q, keys):
+        """Every query half against every sub-key of its half: (tokens, heads, 2, n_keys)."""
         with torch.autocast(q.device.type, enabled=False):  # keep the search in fp32 under autocast
-            s = torch.einsum("thpk,hpnk->thpn", q, keys)
-        return s[:, :, 0], s[:, :, 1]
+            return torch.einsum("thpk,hpnk->thpn", q, keys)
 
     def lookup(self, x):
         """The rows each token reads and their weights: two (tokens, heads*knn), indices int64, weights fp32.
 
         Each head's weights are a softmax over its knn scores (fp32), so a token's weights sum to heads.
+        (Differentiating only the winners' gathered sub-keys does less arithmetic, but measured 2x slower
+        on CPU than the dense score gradient: embedding backward is slow there.)
         """
-        s1, s2 = self.half_scores(x)
+        s = self.half_scores(*self.queries_and_keys(x))
+        s1, s2 = s[:, :, 0], s[:, :, 1]
         i, j = product_key_topk(s1, s2, self.knn)
         scores = s1.gather(-1, i) + s2.gather(-1, j)  # differentiable in the query and the sub-keys
         weights = F.softmax(scores, dim=-1)

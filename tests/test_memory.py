@@ -60,7 +60,8 @@ def test_qk_norm_scores_are_normalised_dot_products():
     with torch.no_grad():
         layer.query_gain.uniform_(0.5, 2.0)
     x = torch.randn(10, 16)
-    s1, s2 = layer.half_scores(x)
+    s = layer.half_scores(*layer.queries_and_keys(x))
+    s1, s2 = s[:, :, 0], s[:, :, 1]
     q = layer.query(x).view(10, 2, 2, 4)
     rms = lambda t: t / t.pow(2).mean(-1, keepdim=True).add(torch.finfo(t.dtype).eps).sqrt()
     keys = rms(layer.sub_keys) / 2.0  # 1/sqrt(k_dim/2)
@@ -111,9 +112,9 @@ def test_search_stays_fp32_under_autocast():
     layer = ProductKeyMemory(dim=16, n_keys=8, heads=2, knn=3, k_dim=8, v_dim=16)
     x = torch.randn(6, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s1, _ = layer.half_scores(x)
+        s = layer.half_scores(*layer.queries_and_keys(x))
         _, weights = layer.lookup(x)
-    assert s1.dtype == torch.float32 and weights.dtype == torch.float32
+    assert s.dtype == torch.float32 and weights.dtype == torch.float32
 
 
 def test_usage_stats_on_known_distributions():
@@ -139,3 +140,4 @@ def test_recorded_usage_is_the_read_weights_of_the_brute_force_lookup():
     want = torch.zeros(36, dtype=torch.float64).index_add_(0, idx.flatten(), w.flatten())
     torch.testing.assert_close(values.usage, want.float())
     assert values.usage.sum().item() == pytest.approx(9 * 2)  # each head's weights sum to 1
+
