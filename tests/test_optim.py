@@ -1,4 +1,7 @@
 """RowAdamW against torch.optim.AdamW run on each row alone; touched-row clipping against dense clipping."""
+import warnings
+
+import pytest
 import torch
 
 from optim import RowAdamW, clip_grad_norm_
@@ -8,17 +11,20 @@ def sparse_rows(rows, values, shape):
     return torch.sparse_coo_tensor(torch.tensor(rows).unsqueeze(0), values, shape, check_invariants=True)
 
 
-def test_row_adamw_equals_adamw_on_each_row_over_the_steps_that_touched_it():
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_row_adamw_equals_adamw_on_each_row_over_the_steps_that_touched_it(compile):
     torch.manual_seed(0)
     n, dim, lr, wd = 12, 5, 0.05, 0.1
     table = torch.nn.Parameter(torch.randn(n, dim))
     initial = table.detach().clone()
     rows_per_step = [[0, 3, 3, 7], [3, 5], [0, 7, 9], [], [3, 9, 9, 9], [0]]  # repeats: summed like dense grads
     grads = [torch.randn(len(r), dim) for r in rows_per_step]
-    optimizer = RowAdamW([table], lr=lr, betas=(0.9, 0.95), weight_decay=wd)
-    for rows, g in zip(rows_per_step, grads):
-        table.grad = sparse_rows(rows, g, (n, dim)) if rows else None
-        optimizer.step()
+    optimizer = RowAdamW([table], lr=lr, betas=(0.9, 0.95), weight_decay=wd, compile=compile)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the compiled update must not fall back to eager
+        for rows, g in zip(rows_per_step, grads):
+            table.grad = sparse_rows(rows, g, (n, dim)) if rows else None
+            optimizer.step()
 
     for row in range(n):
         alone = torch.nn.Parameter(initial[row].clone())
