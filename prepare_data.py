@@ -79,12 +79,16 @@ def tokenize(text, kind):
     return remapped.astype(np.uint16), {"vocab_size": len(used), "compact_ids": used.tolist()}
 
 
-def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1):
-    """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta."""
-    ids, fields = tokenize(text, kind)
+def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None):
+    """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta.
+
+    With val_text, text is all train and val_text all val, in one vocabulary (text should end where a
+    token ends, e.g. with a newline before a letter, for the split to fall exactly between them).
+    """
+    ids, fields = tokenize(text + (val_text or ""), kind)
     if len(ids) < 2:
         raise ValueError(f"the corpus for '{name}' holds {len(ids)} tokens: nothing to train on")
-    split = int(len(ids) * (1 - val_fraction))
+    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind)[0])
     out = os.path.join(data_dir, name)
     os.makedirs(out, exist_ok=True)
     ids[:split].tofile(os.path.join(out, "train.bin"))
