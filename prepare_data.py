@@ -2,6 +2,10 @@
 
     python prepare_data.py shakespeare [--input PATH] [--tokenizer compact|gpt2|char]
     python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ...]
+    python prepare_data.py facts [--n_entities N] [--seed S] [--attributes A,B,...] [--tokenizer ...]
+
+"facts" is the synthetic knowledge base of facts.py: it also writes data/facts/eval.json, the question
+and answer pairs that train.py scores at each eval.
 
 Tokenizers: "gpt2" (tiktoken's GPT-2 BPE, 50257 ids), "compact" (GPT-2 BPE restricted to the ids the
 corpus uses, renumbered 0..V-1: a small CPU model is otherwise dominated by a 50257-row output layer)
@@ -14,6 +18,8 @@ import sys
 import urllib.request
 
 import numpy as np
+
+import facts
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 TOKENIZERS = ("compact", "gpt2", "char")
@@ -132,7 +138,7 @@ def shakespeare_text(input_path, data_dir):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="corpus", required=True)
-    for corpus in ("shakespeare", "text"):
+    for corpus in ("shakespeare", "text", "facts"):
         p = sub.add_parser(corpus)
         p.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
         p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
@@ -140,17 +146,27 @@ def main(argv=None):
             p.add_argument("--input", help="local tinyshakespeare file (default: download it)")
             p.add_argument("--name", help="dataset name (default: shakespeare, or shakespeare_<tokenizer> "
                                           "for the gpt2 and char tokenizers)")
-        else:
+        elif corpus == "text":
             p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files, concatenated")
             p.add_argument("--name", required=True)
+        else:
+            p.add_argument("--name", default="facts")
+            p.add_argument("--n_entities", type=int, default=facts.DEFAULT_ENTITIES, help="people in the knowledge base")
+            p.add_argument("--attributes", default=",".join(facts.ATTRIBUTES), help="comma-separated; everyone has all")
+            p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        if args.corpus == "shakespeare":
-            text, source = shakespeare_text(args.input, args.data_dir)
-            name = args.name or ("shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
+        if args.corpus == "facts":
+            name = args.name
+            meta = facts.write_dataset(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer,
+                                       name, args.data_dir)
         else:
-            text, source, name = read_text(args.input), " ".join(args.input), args.name
-        meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
+            if args.corpus == "shakespeare":
+                text, source = shakespeare_text(args.input, args.data_dir)
+                name = args.name or ("shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
+            else:
+                text, source, name = read_text(args.input), " ".join(args.input), args.name
+            meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
     except (ValueError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {os.path.join(args.data_dir, name)}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "

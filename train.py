@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from checkpoint import load_checkpoint, load_latest, save_checkpoint
+from facts import describe_scores, load_eval, score_facts
 from model import GPT, ConfigError, GPTConfig
 
 
@@ -36,6 +37,7 @@ class TrainConfig:
     max_iters: int = 2000
     eval_interval: int = 250
     eval_iters: int = 20
+    facts_eval_size: int = 500  # question/answer pairs of each kind scored at each eval when the dataset has them
     log_interval: int = 10
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -262,6 +264,7 @@ def train(config):
     dtype = pick_dtype(config["dtype"], device)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     splits, meta = load_dataset(config)
+    facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"])
     os.makedirs(config["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
@@ -316,8 +319,13 @@ def train(config):
                 g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
                 losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size)
-                log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}",
-                    iter=iter_num, train_loss=losses["train"], val_loss=losses["val"])
+                message = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                fact_scores = {}
+                if facts_sample:
+                    with autocast:
+                        fact_scores = score_facts(model, facts_sample, device)
+                    message += describe_scores(fact_scores)
+                log("eval", message, iter=iter_num, train_loss=losses["train"], val_loss=losses["val"], **fact_scores)
                 if iter_num > start_iter or not checkpoint:
                     save(iter_num)
                 t0, timed_iters = time.time(), 0  # time training steps only

@@ -1,0 +1,213 @@
+"""Factual recall in miniature: the paper's headline (memory beats dense at equal compute) on a laptop.
+
+A synthetic knowledge base: made-up people, each with a few attributes (birth year, city, employer,
+field, instrument). Every fact is written in several statement templates and several question templates;
+one question template per attribute is never trained on, so the eval measures extraction as well as
+memorisation. The eval set holds a (prompt, answer) pair for every fact and question template.
+
+    python prepare_data.py facts [--n_entities N] [--seed S] ...   # data/facts: bins, meta.json, eval.json
+"""
+import json
+import math
+import os
+import random
+
+import torch
+import torch.nn.functional as F
+
+EVAL_FILE = "eval.json"
+DEFAULT_ENTITIES = 2000
+
+# ---- the knowledge base -------------------------------------------------------------------------------
+FIRST_SYLLABLES = ("al", "bar", "cor", "dan", "el", "fen", "gar", "hal", "is", "jor", "kel", "lor", "mar", "nor",
+                   "or", "per", "quin", "ros", "sal", "tor", "ul", "val", "wen", "yor", "zan")
+SECOND_SYLLABLES = ("a", "an", "e", "el", "en", "i", "in", "is", "o", "on", "or", "u", "us", "ia", "ic")
+LAST_ENDINGS = ("berg", "dale", "ford", "gate", "holm", "mont", "ridge", "stein", "ton", "vik", "wick", "worth")
+
+# attribute: (values, statement templates, question prompts). A question's line is its prompt, a space and
+# the value; the last question of each attribute is held out of training.
+ATTRIBUTES = {
+    "year": (tuple(str(y) for y in range(1900, 2000)),
+             ("{n} was born in {v}.", "{n}'s year of birth is {v}.", "The birth year of {n} is {v}."),
+             ("Q: In what year was {n} born? A:", "Q: What is {n}'s birth year? A:", "Q: What year was {n} born in? A:")),
+    "city": (("Lisbon", "Oslo", "Cairo", "Lima", "Dublin", "Vienna", "Prague", "Madrid", "Berlin", "Paris",
+              "Rome", "Athens", "Tokyo", "Seoul", "Delhi", "Mumbai", "Nairobi", "Lagos", "Havana", "Quito",
+              "Sydney", "Perth", "Toronto", "Chicago", "Boston", "Denver", "Houston", "Seattle", "Warsaw",
+              "Helsinki", "Stockholm", "Geneva"),
+             ("{n} grew up in {v}.", "{n}'s home town is {v}.", "The city where {n} grew up is {v}."),
+             ("Q: In which city did {n} grow up? A:", "Q: Where is {n}'s home town? A:",
+              "Q: Where did {n} grow up? A:")),
+    "employer": (("Apex", "Borealis", "Cobalt", "Dynamo", "Everest", "Falcon", "Granite", "Harbor", "Ion",
+                  "Juniper", "Keystone", "Lumen", "Meridian", "Nimbus", "Orbit", "Pinnacle", "Quartz", "Radiant",
+                  "Summit", "Titan", "Umbra", "Vertex", "Willow", "Zenith"),
+                 ("{n} works for {v}.", "{n} is employed by {v}.", "The employer of {n} is {v}."),
+                 ("Q: Which company does {n} work for? A:", "Q: Who employs {n}? A:", "Q: Where does {n} work? A:")),
+    "field": (("physics", "chemistry", "biology", "geology", "history", "law", "medicine", "music", "poetry",
+               "economics", "botany", "astronomy", "architecture", "linguistics", "statistics", "philosophy"),
+              ("{n} studied {v}.", "{n} holds a degree in {v}.", "The field of {n} is {v}."),
+              ("Q: What did {n} study? A:", "Q: In which field is {n}'s degree? A:", "Q: What is {n}'s field? A:")),
+    "instrument": (("piano", "violin", "cello", "flute", "guitar", "drums", "harp", "trumpet", "oboe", "banjo",
+                    "clarinet", "organ"),
+                   ("{n} plays the {v}.", "{n} practises the {v} every day.", "The instrument of {n} is the {v}."),
+                   ("Q: Which instrument does {n} play? A: the", "Q: What does {n} practise every day? A: the",
+                    "Q: What is {n}'s instrument? A: the")),
+}
+
+
+def make_names(n, rng):
+    """n distinct two-part names. First and last names are each shared by many people, so only the pair
+    identifies a person (as with real names)."""
+    firsts = sorted({(a + b).capitalize() for a in FIRST_SYLLABLES for b in SECOND_SYLLABLES})
+    lasts = sorted({(a + e).capitalize() for a in FIRST_SYLLABLES for e in LAST_ENDINGS})
+    if n > len(firsts) * len(lasts) // 2:
+        raise ValueError(f"n_entities={n} exceeds the {len(firsts) * len(lasts) // 2:,} names this generator makes")
+    firsts = rng.sample(firsts, min(len(firsts), 4 * math.isqrt(n) + 8))
+    names = set()
+    while len(names) < n:
+        names.add(f"{rng.choice(firsts)} {rng.choice(lasts)}")
+    return sorted(names)
+
+
+def make_facts(n_entities, seed, attributes=tuple(ATTRIBUTES)):
+    """The knowledge base: [(name, {attribute: value})], deterministic for (n_entities, seed, attributes)."""
+    unknown = [a for a in attributes if a not in ATTRIBUTES]
+    if unknown or not attributes:
+        raise ValueError(f"unknown attributes {unknown}: choose from {', '.join(ATTRIBUTES)}")
+    if n_entities < 1:
+        raise ValueError(f"n_entities must be at least 1, got {n_entities}")
+    rng = random.Random(seed)
+    return [(name, {a: rng.choice(ATTRIBUTES[a][0]) for a in attributes}) for name in make_names(n_entities, rng)]
+
+
+def fact_lines(name, attribute, value, heldout=False):
+    """The fact in every statement template and every trained question (or only the held-out question)."""
+    _, statements, questions = ATTRIBUTES[attribute]
+    if heldout:
+        return [f"{questions[-1].format(n=name)} {value}"]
+    return [s.format(n=name, v=value) for s in statements] + [f"{q.format(n=name)} {value}" for q in questions[:-1]]
+
+
+def knowledge_text(facts, seed):
+    """(train text, val text). Train: every fact in every training template, one per line, shuffled.
+    Val: every fact once, in a random training template, so val loss measures how much of the knowledge
+    base the model holds."""
+    rng = random.Random(seed + 1)
+    train, val = [], []
+    for name, values in facts:
+        for attribute, value in values.items():
+            lines = fact_lines(name, attribute, value)
+            train += lines
+            val.append(rng.choice(lines))
+    rng.shuffle(train)
+    rng.shuffle(val)
+    return "\n".join(train) + "\n", "\n".join(val) + "\n"
+
+
+def eval_pairs(facts):
+    """(prompt, answer) for every fact and question; the answer is the space and value that end the line."""
+    return [{"prompt": q.format(n=name), "answer": " " + value, "entity": name, "attribute": attribute,
+             "heldout": t == len(ATTRIBUTES[attribute][2]) - 1}
+            for name, values in facts for attribute, value in values.items()
+            for t, q in enumerate(ATTRIBUTES[attribute][2])]
+
+
+def encode_pair(tokenizer, prompt, answer):
+    """(prompt ids, answer ids): the tokens of "\\n" + prompt + answer split where the value starts.
+
+    The newline puts the prompt at the start of a line, as in training. The answer's leading space goes
+    to the prompt where the tokenizer keeps it apart (char), so that every answer token carries part of
+    the value; with BPE it is part of the value's first token.
+    """
+    full = tokenizer.encode("\n" + prompt + answer)
+    for head in ("\n" + prompt + " ", "\n" + prompt):
+        try:
+            ids = tokenizer.encode(head)
+        except ValueError:  # a lone space is no token of a compact BPE vocabulary
+            continue
+        if full[:len(ids)] == ids and len(ids) < len(full):
+            return ids, full[len(ids):]
+    raise ValueError(f"the tokens of {prompt + answer!r} do not split between prompt and answer")
+
+
+def write_eval(facts, seed, tokenizer, path):
+    """eval.json: every pair with its token ids, in a random order, so any prefix is a random sample."""
+    pairs = eval_pairs(facts)
+    random.Random(seed + 2).shuffle(pairs)
+    for pair in pairs:
+        pair["prompt_ids"], pair["answer_ids"] = encode_pair(tokenizer, pair["prompt"], pair["answer"])
+    with open(path, "w") as f:
+        json.dump({"pairs": pairs}, f)
+    return pairs
+
+
+def write_dataset(n_entities, seed, attributes, tokenizer, name="facts", data_dir="data"):
+    """data_dir/name: the bins and meta.json of prepare_data.write_dataset, and eval.json; returns meta."""
+    import prepare_data  # imported here: prepare_data imports this module
+    kb = make_facts(n_entities, seed, tuple(attributes))
+    train, val = knowledge_text(kb, seed)
+    source = f"facts.py: {n_entities} entities, attributes {','.join(attributes)}, seed {seed}"
+    meta = prepare_data.write_dataset(train, name, tokenizer, data_dir, source, val_text=val)
+    write_eval(kb, seed, prepare_data.Tokenizer(meta), os.path.join(data_dir, name, EVAL_FILE))
+    return meta
+
+
+def load_eval(folder, size):
+    """The fixed eval sample of a dataset folder: {"": pairs of trained question templates, "_heldout":
+    pairs of held-out ones}, size of each, as (prompt ids, answer ids); None when the folder has no eval file."""
+    path = os.path.join(folder, EVAL_FILE)
+    if size <= 0 or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        pairs = json.load(f)["pairs"]
+    return {suffix: [(p["prompt_ids"], p["answer_ids"]) for p in pairs if p["heldout"] == heldout][:size]
+            for suffix, heldout in (("", False), ("_heldout", True))}
+
+
+# ---- scoring ------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score(model, pairs, device="cpu", batch_size=128):
+    """Exact-match accuracy of greedy answers and mean NLL per gold answer token, teacher-forced.
+
+    model(idx) must return (logits, ...). One forward pass over prompt + gold answer gives both: greedy
+    decoding reproduces the answer exactly when, at every answer position, the argmax given the gold
+    prefix is the gold token (a greedy run that has matched so far has that very prefix). Rows are
+    right-padded, which the causal model never sees from earlier positions.
+    """
+    correct, nll_sum, n_tokens = 0, 0.0, 0
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start:start + batch_size]
+        length = max(len(p) + len(a) for p, a in chunk)
+        idx = torch.zeros(len(chunk), length, dtype=torch.long)
+        targets = torch.zeros_like(idx)
+        is_answer = torch.zeros_like(idx, dtype=torch.bool)  # positions whose next token is an answer token
+        for row, (prompt, answer) in enumerate(chunk):
+            idx[row, :len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            span = slice(len(prompt) - 1, len(prompt) + len(answer) - 1)
+            targets[row, span] = torch.tensor(answer)
+            is_answer[row, span] = True
+        idx, targets, is_answer = idx.to(device), targets.to(device), is_answer.to(device)
+        logits = model(idx)[0].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+        hit = (logits.argmax(-1) == targets) | ~is_answer
+        correct += int(hit.all(dim=1).sum())
+        nll_sum += float(nll[is_answer].sum())
+        n_tokens += int(is_answer.sum())
+    return {"acc": correct / len(pairs), "nll": nll_sum / n_tokens}
+
+
+def score_facts(model, sample, device):
+    """facts_acc, facts_nll (trained question templates), facts_acc_heldout, facts_nll_heldout; model in eval mode."""
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for suffix, pairs in sample.items():
+        result = score(model, pairs, device)
+        scores[f"facts_acc{suffix}"], scores[f"facts_nll{suffix}"] = result["acc"], result["nll"]
+    model.train(was_training)
+    return scores
+
+
+def describe_scores(scores):
+    return (f", facts acc {scores['facts_acc']:.1%} (held-out questions {scores['facts_acc_heldout']:.1%}), "
+            f"answer nll {scores['facts_nll']:.3f} ({scores['facts_nll_heldout']:.3f})")
+
