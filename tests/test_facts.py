@@ -173,3 +173,30 @@ def test_train_logs_fact_scores_at_each_eval(facts_data_dir, tmp_path):
         assert e["facts_nll"] > 0 and e["facts_nll_heldout"] > 0
     assert evals[0]["facts_nll"] == pytest.approx(math.log(evals and json.load(open(
         os.path.join(facts_data_dir, "facts", "meta.json")))["vocab_size"]), rel=0.2)  # about uniform at init
+
+
+def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path):
+    tiny = ["n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "max_iters=2", "eval_interval=2", "eval_iters=1",
+            "facts_eval_size=10", "mem_n_keys=8", "mem_knn=4", "mem_k_dim=16"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", "--models=dense,memplus",
+                             "--seeds=2", "--jobs=2", f"--out={tmp_path}", f"--data_dir={facts_data_dir}", *tiny],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
+                                                  ["| memplus", "2"]]
+    assert "Memory+ fact accuracy" in table
+    assert all(len(r.split(" | ")) == len(facts.COLUMNS) for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models=dense,mlp"], "error: unknown models ['mlp']"),
+    (["--seeds=0"], "error: --seeds and --jobs must be at least 1"),
+    (["max_iters"], "error: overrides must look like key=value"),
+    (["--sedes=3"], "error: unrecognized arguments: --sedes=3"),
+])
+def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", f"--out={tmp_path}", *args],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
