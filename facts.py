@@ -28,7 +28,7 @@ import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EVAL_FILE = "eval.json"
-DEFAULT_ENTITIES = 1000
+DEFAULT_ENTITIES = 2000
 
 # ---- the knowledge base -------------------------------------------------------------------------------
 FIRST_SYLLABLES = ("al", "bar", "cor", "dan", "el", "fen", "gar", "hal", "is", "jor", "kel", "lor", "mar", "nor",
