@@ -3,10 +3,13 @@
     python prepare_data.py shakespeare [--input PATH] [--tokenizer compact|gpt2|char]
     python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ...]
     python prepare_data.py fineweb_edu --num_tokens N [--input JSONL ...] [--shard_tokens S] [--val_tokens V]
+    python prepare_data.py facts [--n_entities N] [--seed S] [--attributes A,B,...] [--tokenizer ...]
 
 fineweb_edu streams HuggingFaceFW/fineweb-edu from the Hugging Face hub (`pip install datasets`, needed
 for that alone), or reads local jsonl files with the same "text" field, and writes GPT-2 ids in numbered
 shards, val_000000.bin, ..., then train_000000.bin, ..., so that no file has to hold the whole corpus.
+"facts" is the synthetic knowledge base of facts.py: it also writes data/facts/eval.json, the question
+and answer pairs that train.py scores at each eval.
 
 Tokenizers: "gpt2" (tiktoken's GPT-2 BPE, 50257 ids), "compact" (GPT-2 BPE restricted to the ids the
 corpus uses, renumbered 0..V-1: a small CPU model is otherwise dominated by a 50257-row output layer)
@@ -21,6 +24,8 @@ import sys
 import urllib.request
 
 import numpy as np
+
+import facts
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
@@ -87,12 +92,16 @@ def tokenize(text, kind):
     return remapped.astype(np.uint16), {"vocab_size": len(used), "compact_ids": used.tolist()}
 
 
-def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1):
-    """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta."""
-    ids, fields = tokenize(text, kind)
+def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None):
+    """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta.
+
+    With val_text, text is all train and val_text all val, in one vocabulary (text should end where a
+    token ends, e.g. with a newline before a letter, for the split to fall exactly between them).
+    """
+    ids, fields = tokenize(text + (val_text or ""), kind)
     if len(ids) < 2:
         raise ValueError(f"the corpus for '{name}' holds {len(ids)} tokens: nothing to train on")
-    split = int(len(ids) * (1 - val_fraction))
+    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind)[0])
     out = os.path.join(data_dir, name)
     os.makedirs(out, exist_ok=True)
     ids[:split].tofile(os.path.join(out, "train.bin"))
@@ -242,7 +251,7 @@ def count(text):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="corpus", required=True)
-    for corpus in ("shakespeare", "text"):
+    for corpus in ("shakespeare", "text", "facts"):
         p = sub.add_parser(corpus)
         p.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
         p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
@@ -250,9 +259,14 @@ def main(argv=None):
             p.add_argument("--input", help="local tinyshakespeare file (default: download it)")
             p.add_argument("--name", help="dataset name (default: shakespeare, or shakespeare_<tokenizer> "
                                           "for the gpt2 and char tokenizers)")
-        else:
+        elif corpus == "text":
             p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files, concatenated")
             p.add_argument("--name", required=True)
+        else:
+            p.add_argument("--name", default="facts")
+            p.add_argument("--n_entities", type=int, default=facts.DEFAULT_ENTITIES, help="people in the knowledge base")
+            p.add_argument("--attributes", default=",".join(facts.ATTRIBUTES), help="comma-separated; everyone has all")
+            p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("fineweb_edu")
     p.add_argument("--num_tokens", type=count, required=True, help="tokens to write, validation included (1e9 works)")
     p.add_argument("--val_tokens", type=count, help="the first ones, for validation (default: a tenth, at most 10M)")
@@ -272,6 +286,10 @@ def main(argv=None):
             source = " ".join(args.input) if args.input else f"{FINEWEB_EDU} ({args.subset})"
             meta = write_shards(fineweb_documents(args.input, args.subset), name, args.data_dir, args.num_tokens,
                                 val_tokens, args.shard_tokens, source)
+        elif args.corpus == "facts":
+            name = args.name
+            meta = facts.write_dataset(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer,
+                                       name, args.data_dir)
         else:
             if args.corpus == "shakespeare":
                 text, source = shakespeare_text(args.input, args.data_dir)

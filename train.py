@@ -27,8 +27,9 @@ import torch
 
 import distributed
 from checkpoint import load_checkpoint, load_latest, save_checkpoint
-from optim import RowAdamW, clip_grad_norm_
+from facts import describe_scores, load_eval, score_facts
 from memory import usage_stats
+from optim import RowAdamW, clip_grad_norm_
 from model import GPT, ConfigError, GPTConfig
 
 
@@ -43,6 +44,7 @@ class TrainConfig:
     max_iters: int = 2000
     eval_interval: int = 250
     eval_iters: int = 20
+    facts_eval_size: int = 500  # question/answer pairs of each kind scored at each eval when the dataset has them
     log_interval: int = 10
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
@@ -325,6 +327,7 @@ def train(config):
     dtype = pick_dtype(config["dtype"], device)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     splits, meta = load_dataset(config)
+    facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"])
     os.makedirs(config["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
@@ -399,10 +402,15 @@ def train(config):
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
                 losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par,
                                        model.values)
-                usage = "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
-                                zip(losses.get("mem_read_fraction", []), losses.get("mem_kl_uniform", [])))
-                log("eval", f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}{usage}",
-                    iter=iter_num, train_loss=losses.pop("train"), val_loss=losses.pop("val"), **losses)
+                message = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
+                message += "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
+                                   zip(losses.get("mem_read_fraction", []), losses.get("mem_kl_uniform", [])))
+                if facts_sample:
+                    with autocast:
+                        losses.update(score_facts(model, facts_sample, device))
+                    message += describe_scores(losses)
+                log("eval", message, iter=iter_num, train_loss=losses.pop("train"), val_loss=losses.pop("val"),
+                    **losses)
                 if iter_num > start_iter or config["init_from"] == "scratch":
                     save(iter_num)
                 t0, timed_iters = time.time(), 0  # time training steps only

@@ -1,0 +1,202 @@
+"""The factual-recall benchmark: generator, prepared files, scoring against references, train.py and compare."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import facts
+from conftest import ROOT
+from model import GPT, GPTConfig
+from prepare_data import Tokenizer
+
+
+def test_generator_is_deterministic_for_a_seed():
+    assert facts.make_facts(200, seed=3) == facts.make_facts(200, seed=3)
+    assert facts.knowledge_text(facts.make_facts(50, 3), 3) == facts.knowledge_text(facts.make_facts(50, 3), 3)
+    assert facts.make_facts(200, seed=3) != facts.make_facts(200, seed=4)
+    kb = facts.make_facts(500, seed=0)
+    names = [name for name, _ in kb]
+    assert len(set(names)) == 500
+    assert len({n.split()[0] for n in names}) < 250 and len({n.split()[1] for n in names}) < 250  # shared parts
+    assert all(set(values) == set(facts.ATTRIBUTES) for _, values in kb)
+
+
+def test_every_eval_answer_is_a_fact_of_the_training_text():
+    kb = facts.make_facts(40, seed=1)
+    truth = {name: values for name, values in kb}
+    train, val = facts.knowledge_text(kb, seed=1)
+    lines = train.splitlines()
+    pairs = facts.eval_pairs(kb)
+    assert len(pairs) == 40 * len(facts.ATTRIBUTES) * 3
+    for pair in pairs:
+        value = pair["answer"].strip()
+        assert value == truth[pair["entity"]][pair["attribute"]]
+        stating = [line for line in lines if pair["entity"] in line and line.rstrip(".").endswith(value)]
+        assert len(stating) >= 3  # the fact itself is trained, in several phrasings
+        line = pair["prompt"] + pair["answer"]
+        if pair["heldout"]:  # only the question's phrasing is new
+            assert not any(l.startswith(pair["prompt"]) for l in lines)
+        else:
+            assert line in lines
+    assert set(val.splitlines()) <= set(lines)
+    assert sum(p["heldout"] for p in pairs) == len(pairs) // 3
+
+
+@pytest.mark.parametrize("kind", ["compact", "char"])
+def test_prepared_files_decode_to_the_knowledge_text(tmp_path, kind):
+    meta = facts.write_dataset(30, 5, list(facts.ATTRIBUTES), kind, "kb", str(tmp_path))
+    tokenizer = Tokenizer(meta)
+    train, val = facts.knowledge_text(facts.make_facts(30, 5), 5)
+    for split, text in (("train", train), ("val", val)):
+        ids = np.fromfile(tmp_path / "kb" / f"{split}.bin", dtype=np.uint16).tolist()
+        assert tokenizer.decode(ids) == text
+    with open(tmp_path / "kb" / "eval.json") as f:
+        pairs = json.load(f)["pairs"]
+    assert len(pairs) == 30 * len(facts.ATTRIBUTES) * 3
+    for pair in pairs:
+        assert tokenizer.decode(pair["prompt_ids"] + pair["answer_ids"]) == "\n" + pair["prompt"] + pair["answer"]
+        answer_text = tokenizer.decode(pair["answer_ids"])
+        assert answer_text.strip() == pair["answer"].strip()
+        assert answer_text.startswith(" ") == (kind == "compact")  # char: the space is part of the prompt
+
+
+def test_unknown_attribute_is_a_one_line_error(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "facts", "--attributes=year,shoe",
+                             f"--data_dir={tmp_path}"], capture_output=True, text=True)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith("error: unknown attributes ['shoe']")
+
+
+class LookupModel:
+    """Stand-in with GPT's interface that knows the continuation of some sequences: a big logit on the known
+    next token after a known prefix, uniform logits elsewhere."""
+
+    def __init__(self, vocab_size, known_sequences):
+        self.vocab_size = vocab_size
+        self.next_token = {tuple(seq[:i]): seq[i] for seq in known_sequences for i in range(1, len(seq))}
+
+    def __call__(self, idx):
+        logits = torch.zeros(*idx.shape, self.vocab_size)
+        for b, row in enumerate(idx.tolist()):
+            for t in range(len(row)):
+                token = self.next_token.get(tuple(row[:t + 1]))
+                if token is not None:
+                    logits[b, t, token] = 50.0
+        return logits, None
+
+
+def random_pairs(n, vocab_size, seed):
+    """n (prompt, answer) pairs of ids 1..vocab_size-1 whose prompts differ in their first two tokens, so
+    that no pair's sequence is a prefix of another's."""
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.randperm((vocab_size - 1) ** 2, generator=g)[:n].tolist()
+    randoms = lambda low, high: torch.randint(1, vocab_size, (int(torch.randint(low, high, (1,), generator=g)),),
+                                              generator=g).tolist()
+    return [([1 + h // (vocab_size - 1), 1 + h % (vocab_size - 1)] + randoms(0, 6), randoms(1, 4)) for h in heads]
+
+
+def test_a_model_that_knows_the_answers_scores_100_percent_and_zero_nll():
+    pairs = random_pairs(300, 40, seed=0)
+    result = facts.score(LookupModel(40, [p + a for p, a in pairs]), pairs, batch_size=32)
+    assert result["acc"] == 1.0 and result["nll"] < 1e-6
+
+
+def test_knowing_half_the_answers_or_only_the_first_answer_token_counts_right():
+    pairs = [(p, a) for p, a in random_pairs(400, 40, seed=1) if len(a) >= 2]
+    half = pairs[::2]
+    assert facts.score(LookupModel(40, [p + a for p, a in half]), pairs)["acc"] == len(half) / len(pairs)
+    first_only = facts.score(LookupModel(40, [p + a[:1] for p, a in pairs]), pairs)
+    assert first_only["acc"] == 0.0
+    n_tokens = sum(len(a) for _, a in pairs)  # first tokens known (nll 0), the rest uniform
+    assert first_only["nll"] == pytest.approx(math.log(40) * (n_tokens - len(pairs)) / n_tokens, rel=1e-5)
+
+
+def test_uniform_and_random_models_score_chance():
+    vocab = 50
+    pairs = random_pairs(2000, vocab, seed=2)
+    uniform = facts.score(LookupModel(vocab, []), pairs)
+    assert uniform["nll"] == pytest.approx(math.log(vocab), rel=1e-6)
+    assert uniform["acc"] == 0.0  # argmax of equal logits is token 0, which no answer uses
+    g = torch.Generator().manual_seed(3)
+    single = [(p, a[:1]) for p, a in pairs]
+    random_acc = facts.score(lambda idx: (torch.randn(*idx.shape, vocab, generator=g), None), single)["acc"]
+    assert abs(random_acc - 1 / vocab) < 4 * math.sqrt(1 / vocab / len(single))  # 4 sigma of a binomial
+
+
+def test_scores_equal_greedy_generation_and_unbatched_nll_of_a_real_model():
+    """Accuracy against model.generate (greedy, KV cache) and NLL against one unpadded sequence at a time."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=30, block_size=32, n_layer=2, n_head=2, n_embd=32, memory_layers=(1,),
+                          mem_n_keys=8, mem_heads=2, mem_knn=4)).eval()
+    pairs = []
+    for i, (prompt, answer) in enumerate(random_pairs(60, 30, seed=4)):
+        greedy = model.generate(torch.tensor([prompt]), len(answer), temperature=0)[0, len(prompt):].tolist()
+        pairs.append((prompt, greedy if i % 3 else answer))  # about two thirds are the model's own answers
+    want_acc = sum(model.generate(torch.tensor([p]), len(a), temperature=0)[0, len(p):].tolist() == a
+                   for p, a in pairs) / len(pairs)
+    nll, n = 0.0, 0
+    for p, a in pairs:
+        with torch.no_grad():
+            logits = model(torch.tensor([p + a]))[0][0, len(p) - 1:-1]
+        nll += float(F.cross_entropy(logits, torch.tensor(a), reduction="sum"))
+        n += len(a)
+    result = facts.score(model, pairs, batch_size=7)
+    assert 0.5 < want_acc < 1 and result["acc"] == want_acc
+    assert result["nll"] == pytest.approx(nll / n, rel=1e-5)
+
+
+@pytest.fixture(scope="module")
+def facts_data_dir(tmp_path_factory):
+    data_dir = tmp_path_factory.mktemp("facts_data")
+    facts.write_dataset(40, 0, list(facts.ATTRIBUTES), "compact", "facts", str(data_dir))
+    return str(data_dir)
+
+
+def test_train_logs_fact_scores_at_each_eval(facts_data_dir, tmp_path):
+    from train import load_config, train
+    config = load_config([])
+    config.update(dataset="facts", data_dir=facts_data_dir, out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=32,
+                  block_size=32, batch_size=4, max_iters=4, eval_interval=2, eval_iters=1, facts_eval_size=20,
+                  device="cpu")
+    train(config)
+    with open(tmp_path / "log.jsonl") as f:
+        evals = [e for e in map(json.loads, f) if e["event"] == "eval"]
+    assert [e["iter"] for e in evals] == [0, 2, 4]
+    for e in evals:
+        assert 0 <= e["facts_acc"] <= 1 and 0 <= e["facts_acc_heldout"] <= 1
+        assert e["facts_nll"] > 0 and e["facts_nll_heldout"] > 0
+    assert evals[0]["facts_nll"] == pytest.approx(math.log(evals and json.load(open(
+        os.path.join(facts_data_dir, "facts", "meta.json")))["vocab_size"]), rel=0.2)  # about uniform at init
+
+
+def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path):
+    tiny = ["n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "max_iters=2", "eval_interval=2", "eval_iters=1",
+            "facts_eval_size=10", "mem_n_keys=8", "mem_knn=4", "mem_k_dim=16"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", "--models=dense,memplus",
+                             "--seeds=2", "--jobs=2", f"--out={tmp_path}", f"--data_dir={facts_data_dir}", *tiny],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    table = (tmp_path / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
+    assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
+                                                  ["| memplus", "2"]]
+    assert "Memory+ fact accuracy" in table
+    assert all(len(r.split(" | ")) == len(facts.COLUMNS) for r in rows)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--models=dense,mlp"], "error: unknown models ['mlp']"),
+    (["--seeds=0"], "error: --seeds and --jobs must be at least 1"),
+    (["max_iters"], "error: overrides must look like key=value"),
+    (["--sedes=3"], "error: unrecognized arguments: --sedes=3"),
+])
+def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", f"--out={tmp_path}", *args],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
