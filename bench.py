@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train [--json] ...`.
+"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train|facts ...`.
 
 kernels: forward and backward of kernels.embedding_bag (each backend) against PyTorch's
 F.embedding_bag and against the machine's copy bandwidth (a plain tensor copy timed in the same run).
@@ -16,6 +16,9 @@ memory is its own.
 train: a whole training step (forward, backward, clipping, optimizer) of a config, from train.py's own
 timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row updates (RowAdamW), and
 optionally torch.compile; a fresh train.py process per measurement.
+
+facts: the factual-recall comparison of facts.py (`python bench.py facts --help`): every facts config
+trained at one budget, a markdown table of fact accuracy and answer NLL against FLOPs and parameters.
 """
 import argparse
 import json
@@ -266,6 +269,10 @@ def run_train(args):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["facts"]:  # facts.py parses its own options
+        import facts
+        return facts.main(["compare", *argv[1:]])
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     k = commands.add_parser("kernels", help="embedding-bag forward/backward against F.embedding_bag")
@@ -293,6 +300,7 @@ def main(argv=None):
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(run=run_train)
+    commands.add_parser("facts", help="the factual-recall comparison (facts.py compare), options after it")
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -93,8 +93,8 @@ def main(argv=None):
     if not files:
         sys.exit(__doc__)
     try:
-        for path in files:
-            config = load_config([path] + [a for a in argv if a.startswith("--")])
+        for path in files:  # a+b.py: config files applied in order, as train.py applies them
+            config = load_config(path.split("+") + [a for a in argv if a.startswith("--")])
             meta = os.path.join(config["data_dir"], config["dataset"], "meta.json")
             vocab = {}
             if os.path.exists(meta):
