@@ -268,6 +268,11 @@ def run_train(args):
               f"{r['over_smallest']:>14.2f}")
 
 
+def powers_of_two(text):
+    """--exponents: comma-separated exponents, e.g. 14,16,18,20."""
+    return [int(e) for e in text.split(",")]
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["facts"]:  # facts.py parses its own options
@@ -287,7 +292,7 @@ def main(argv=None):
     lay.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     lay.add_argument("--dim", type=int, default=256)
     lay.add_argument("--tokens", type=int, default=4096)
-    lay.add_argument("--exponents", type=lambda t: [int(e) for e in t.split(",")], default=[14, 16, 18, 20],
+    lay.add_argument("--exponents", type=powers_of_two, default=[14, 16, 18, 20],
                      help="table sizes as powers of two, comma-separated (even: N = n_keys**2)")
     lay.add_argument("--reps", type=int, help="timed calls per measurement (default 10 on cuda, 5 on cpu)")
     lay.add_argument("--json", action="store_true")
@@ -295,7 +300,7 @@ def main(argv=None):
     tr = commands.add_parser("train", help="whole training steps of a config across N, dense vs sparse updates")
     tr.add_argument("config", nargs="?", default="configs/shakespeare_char_memplus.py")
     tr.add_argument("overrides", nargs="*", help="--key=value overrides for train.py")
-    tr.add_argument("--exponents", type=lambda t: [int(e) for e in t.split(",")], default=[14, 16, 18, 20])
+    tr.add_argument("--exponents", type=powers_of_two, default=[14, 16, 18, 20])
     tr.add_argument("--iters", type=int, default=10, help="steps per timing window (the second window counts)")
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
