@@ -17,23 +17,34 @@ train: a whole training step (forward, backward, clipping, optimizer) of a confi
 timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row updates (RowAdamW), and
 optionally torch.compile; a fresh train.py process per measurement.
 
-facts: the factual-recall comparison of facts.py (`python bench.py facts --help`): every facts config
-trained at one budget, a markdown table of fact accuracy and answer NLL against FLOPs and parameters.
+facts: the factual-recall comparison (`python bench.py facts --help`): every configs/facts_<model>.py
+(on top of configs/facts_common.py, which holds the data and the one training budget) trained in its own
+out_dir, then a markdown table (and a plot when matplotlib is installed) of fact accuracy and answer NLL
+against FLOPs and parameters, in OUT/results.md.
+
+Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
 import argparse
 import json
 import multiprocessing
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from errors import UserError
+from facts import ATTRIBUTES, DEFAULT_ENTITIES, EVAL_FILE
+from prepare_data import write_facts
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 SHAPES = {  # name: (tokens, bag, rows N, dim)
     "cpu-target": (4096, 128, 2**18, 256),  # issue 3's CPU target: backward <= 3x forward
@@ -229,17 +240,30 @@ def run_layer(args):
               f"{r['over_dense']:>9.2f}")
 
 
+def train_and_log(args, out_dir, threads=None):
+    """Run `python train.py ARGS --out_dir=OUT_DIR` in a fresh process (its output in OUT_DIR/train.out, with
+    OMP_NUM_THREADS=threads when given); returns (the events of its log.jsonl, wall seconds)."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    start = time.time()
+    with open(os.path.join(out_dir, "train.out"), "w") as out:
+        code = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}"],
+                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - start
+    if code != 0:
+        with open(os.path.join(out_dir, "train.out")) as f:
+            last = (f.read().strip().splitlines() or [""])[-1]
+        raise UserError(f"train.py {' '.join(args)} failed with exit code {code} ({last}): see {out_dir}/train.out")
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f], wall
+
+
 def train_step_ms(config, overrides, iters):
     """ms per training step and peak memory (MB) of `train.py config overrides`, from its log.jsonl."""
     with tempfile.TemporaryDirectory() as out_dir:
-        cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "train.py"), config,
-               f"--out_dir={out_dir}", f"--max_iters={2 * iters}", f"--log_interval={iters}",
-               "--eval_interval=1000000", "--eval_iters=1", *overrides]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise SystemExit(f"bench: {' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
-        with open(os.path.join(out_dir, "log.jsonl")) as f:
-            last = [e for e in map(json.loads, f) if e["event"] == "train"][-1]  # the second window: warm
+        events, _ = train_and_log([config, f"--max_iters={2 * iters}", f"--log_interval={iters}",
+                                   "--eval_interval=1000000", "--eval_iters=1", *overrides], out_dir)
+    last = [e for e in events if e["event"] == "train"][-1]  # the second window: warm
     return last["ms_per_iter"], last["peak_memory_mb"], last["tokens_per_s"]
 
 
@@ -268,17 +292,155 @@ def run_train(args):
               f"{r['over_smallest']:>14.2f}")
 
 
+# ---- facts: the factual-recall comparison ----------------------------------------------------------------
+MODELS = ("dense", "dense2x", "dense4x", "memory", "memplus", "moe", "peer")  # configs/facts_<model>.py
+REPEATED = ("dense", "memplus")  # the headline pair: trained with every seed, the others with the first
+COLUMNS = (("model", "model"), ("seed", "seed"), ("params", "params"), ("active params", "active_params"),
+           ("FLOPs/token", "flops_per_token"), ("tokens", "tokens"), ("fact acc", "facts_acc"),
+           ("held-out acc", "facts_acc_heldout"), ("answer NLL", "facts_nll"), ("held-out NLL", "facts_nll_heldout"),
+           ("val loss", "val_loss"), ("wall s", "wall_s"))
+
+
+def config_path(model):
+    return os.path.join(ROOT, "configs", f"facts_{model}.py")
+
+
+def facts_run(model, seed, out_dir, train_args, threads):
+    """Train configs/facts_common.py then configs/facts_<model>.py in out_dir (emptied first); returns its
+    sizes from the start event, its scores from the last eval event and its wall seconds."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    events, wall = train_and_log([config_path("common"), config_path(model), f"--seed={seed}", *train_args],
+                                 out_dir, threads)
+    start = next(e for e in events if e["event"] == "start")
+    final = [e for e in events if e["event"] == "eval"][-1]
+    if "facts_acc" not in final:
+        raise UserError(f"{out_dir}/log.jsonl has no fact scores: does the dataset folder hold {EVAL_FILE}?")
+    return {"params": start["params"], "active_params": start["active_params"],
+            "flops_per_token": start["flops_per_token"], "tokens": start["tokens_per_iter"] * final["iter"],
+            **{k: final[k] for k in ("val_loss", "facts_acc", "facts_acc_heldout", "facts_nll", "facts_nll_heldout")},
+            "wall_s": wall}
+
+
+def markdown_table(rows):
+    def cell(key, value):
+        if key.startswith("facts_acc"):
+            return f"{value:.1%}"
+        if isinstance(value, float):
+            return f"{value:.3f}" if key != "wall_s" else f"{value:.0f}"
+        return f"{value:,}" if isinstance(value, int) and key != "seed" else str(value)
+    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(key, row[key]) for _, key in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def headline(rows):
+    """The paper's claims, checked on means over seeds: Memory+ against dense at equal FLOPs, and dense2x."""
+    def mean(model, key):
+        values = [r[key] for r in rows if r["model"] == model]
+        return sum(values) / len(values) if values else None
+    acc = {m: mean(m, "facts_acc") for m in ("dense", "memplus", "moe")}
+    nll = {m: mean(m, "facts_nll") for m in ("memplus", "dense2x")}
+    lines = []
+    if acc["memplus"] is not None and acc["dense"] is not None:
+        ratio = f"{acc['memplus'] / acc['dense']:.1f}x" if acc["dense"] else "no ratio (dense at 0%)"
+        lines.append(f"- Memory+ fact accuracy {acc['memplus']:.1%} against dense {acc['dense']:.1%} at equal FLOPs "
+                     f"per token: {ratio} (target: at least 2x)")
+    if None not in nll.values():
+        lines.append(f"- Memory+ answer NLL {nll['memplus']:.3f} against {nll['dense2x']:.3f} for dense with 2x the "
+                     "FLOPs (target: lower)")
+    if acc["memplus"] is not None and acc["moe"] is not None:
+        lines.append(f"- Memory+ fact accuracy {acc['memplus']:.1%} against {acc['moe']:.1%} for the MoE matched in "
+                     "FLOPs and parameters (target: higher)")
+    return "\n".join(lines)
+
+
+def plot_facts(rows, path):
+    """Fact accuracy against FLOPs per token and against total parameters; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, label in ((axes[0], "flops_per_token", "forward FLOPs per token"), (axes[1], "params", "total parameters")):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            points = [(r[key], r["facts_acc"]) for r in rows if r["model"] == model]
+            ax.scatter(*zip(*points), label=model)
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("fact accuracy (greedy exact match)")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_facts(args):
+    """The `facts` subcommand: train every model of the suite, then write the results table and plot."""
+    if args.models:
+        models = args.models.split(",")
+        unknown = [m for m in models if m not in MODELS]
+        if unknown:
+            raise UserError(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
+        missing = [config_path(m) for m in models if not os.path.exists(config_path(m))]
+        if missing:
+            raise UserError(f"no config for {', '.join(missing)}")
+    else:
+        models = [m for m in MODELS if os.path.exists(config_path(m))]
+        skipped = [m for m in MODELS if m not in models]
+        if skipped:
+            print(f"no config for {', '.join(skipped)}: skipped")
+    if args.seeds < 1 or args.jobs < 1:
+        raise UserError("--seeds and --jobs must be at least 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UserError(f"overrides must look like key=value, got {bad}")
+    if not os.path.exists(os.path.join(args.data_dir, "facts", EVAL_FILE)):
+        meta = write_facts(DEFAULT_ENTITIES, 0, tuple(ATTRIBUTES), "compact", "facts", args.data_dir)
+        print(f"made {args.data_dir}/facts: {meta['source']}")
+    train_args = [f"--data_dir={args.data_dir}"] + [f"--{o}" for o in args.overrides]
+    runs = [(m, seed) for m in models for seed in range(1, (args.seeds if m in REPEATED else 1) + 1)]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def run(model_seed):
+        model, seed = model_seed
+        out_dir = os.path.join(args.out, f"{model}_seed{seed}")
+        row = {"model": model, "seed": seed, **facts_run(model, seed, out_dir, train_args, threads)}
+        print(f"{model} seed {seed}: fact acc {row['facts_acc']:.1%}, answer nll {row['facts_nll']:.3f}, "
+              f"{row['wall_s']:.0f} s", flush=True)
+        return row
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(run, runs))
+    with open(os.path.join(args.data_dir, "facts", "meta.json")) as f:
+        source = json.load(f)["source"]
+    report = (f"# Factual recall: memory against dense at equal compute\n\nData: {source}. Command: `python bench.py "
+              f"facts {' '.join(args.argv)}`.\n\n{markdown_table(rows)}\n\n{headline(rows)}\n")
+    if plot_facts(rows, os.path.join(args.out, "facts.png")):
+        report += "\n![fact accuracy against FLOPs and parameters](facts.png)\n"
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
 def powers_of_two(text):
     """--exponents: comma-separated exponents, e.g. 14,16,18,20."""
     return [int(e) for e in text.split(",")]
 
 
+class OneLineErrors(argparse.ArgumentParser):
+    """Bad options are one line, `error: ...`, like every other tool's errors."""
+
+    def error(self, message):
+        sys.exit(f"error: {message}")
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["facts"]:  # facts.py parses its own options
-        import facts
-        return facts.main(["compare", *argv[1:]])
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = OneLineErrors(description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     k = commands.add_parser("kernels", help="embedding-bag forward/backward against F.embedding_bag")
     k.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
@@ -305,12 +467,24 @@ def main(argv=None):
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(run=run_train)
-    commands.add_parser("facts", help="the factual-recall comparison (facts.py compare), options after it")
+    f = commands.add_parser("facts", help="the factual-recall comparison: every facts config at one budget")
+    f.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: every one with a config)")
+    f.add_argument("--seeds", type=int, default=2, help=f"seeds of {' and '.join(REPEATED)}; the others get one")
+    f.add_argument("--out", default="runs/facts", help="runs go to OUT/<model>_seed<seed>, results to OUT/results.md")
+    f.add_argument("--data_dir", default="data", help="the dataset is DATA_DIR/facts, made with the defaults if missing")
+    f.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU cores between them")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="train.py settings for every run")
+    f.set_defaults(run=run_facts)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    args.overrides = getattr(args, "overrides", []) + unknown  # train.py's --key=value
-    args.run(args)
+    if args.command == "train":
+        args.overrides += unknown  # train.py's --key=value
+    args.argv = argv[1:]
+    try:
+        args.run(args)
+    except UserError as e:
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

@@ -13,11 +13,7 @@ import zipfile
 
 import torch
 
-from model import ConfigError
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that is missing or unreadable; the message names the file."""
+from errors import CheckpointError
 
 
 def previous_path(path):

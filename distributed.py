@@ -1,11 +1,11 @@
 """Training on several processes (torchrun): DDP for the dense weights, value tables split by columns.
 
     torchrun --standalone --nproc_per_node=N train.py configs/X.py [--mem_parallel=M]
-    python distributed.py configs/X.py [--key=value ...]   # what each rank holds, for M = 1, 2, 4, 8
+    python sizing.py configs/X.py --mem_parallel=M   # what each rank holds
 
 The ranks form memory-parallel groups of M consecutive ranks (so a group stays inside a node when M
 divides the GPUs per node). In a group each rank holds every row of each value table but only v_dim/M
-of its columns (DESIGN.md section 2); ranks holding the same columns in different groups are replicas.
+of its columns (docs/method.md section 2); ranks holding the same columns in different groups are replicas.
 Every other parameter is replicated on all ranks and averaged by DistributedDataParallel, which never
 sees the tables. NCCL on GPUs, gloo on CPU.
 
@@ -19,17 +19,15 @@ all ranks' losses, which is what DDP makes of every other gradient.
 Checkpoints hold each table whole, gathered on rank 0, so they load with any layout and on one CPU.
 """
 import os
-import sys
 from contextlib import nullcontext
-from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from errors import ConfigError
 from kernels import embedding_bag
 from memory import ValueTable
-from model import GPT, ConfigError, GPTConfig
 
 # torch 2.13 renamed the single-tensor collectives; older versions have only the old names
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -122,9 +120,11 @@ def gather_rows(grad, group):
     return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()
 
 
-def value_state_ids(optimizer_state):
-    """Where the value tables' parameters are in an optimizer state dict: its group 'values', in table order."""
-    return [i for group in optimizer_state["param_groups"] if group["name"] == "values" for i in group["params"]]
+def value_state_ids(optimizer, model):
+    """The state-dict ids of the value tables' parameters in optimizer, in table order (a state dict numbers
+    the parameters of its groups in order)."""
+    ids = {id(p): i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    return [ids[id(p)] for _, p in model.value_parameters() if id(p) in ids]
 
 
 class Parallel:
@@ -158,7 +158,7 @@ class Parallel:
         """
         if self.world == 1:
             return model
-        ignored = [name for name, _ in model.named_parameters() if name.startswith("values.")]
+        ignored = [name for name, _ in model.value_parameters()]
         ignored += [name for name, _ in model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -167,7 +167,7 @@ class Parallel:
         """Context for a micro-step's forward and backward: DDP averages gradients on the last one only."""
         return nullcontext() if self.world == 1 or last_micro_step else wrapped.no_sync()
 
-    def average_value_grads(self, tables):
+    def average_value_grads(self, params):
         """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank).
 
         Dense gradients are all-reduced over the replicas; sparse row gradients (mem_sparse_update) are
@@ -175,7 +175,7 @@ class Parallel:
         """
         if self.world == 1:
             return
-        for p in tables.parameters():
+        for p in params:
             p.grad.div_(self.world)
             if self.replica_group is not None and p.grad.is_sparse:
                 p.grad = gather_rows(p.grad, self.replica_group)
@@ -210,16 +210,16 @@ class Parallel:
         """
         state = model.state_dict()
         if self.mem_parallel > 1 and self.rank < self.mem_parallel:
-            for k, table in enumerate(model.values):
-                state[f"values.{k}.weight"] = self.gather_columns(table.weight.detach())
+            for name, p in model.value_parameters():
+                state[name] = self.gather_columns(p.detach())
         return state if self.is_main else None
 
-    def full_optimizer_state(self, optimizer):
+    def full_optimizer_state(self, optimizer, model):
         """An optimizer's state dict with the tables' moments whole, on rank 0; None elsewhere (collective,
         as full_model_state). Per-row state (RowAdamW's step counts) is the same on every shard."""
         state = optimizer.state_dict()
         if self.mem_parallel > 1 and self.rank < self.mem_parallel:
-            for i in value_state_ids(state):
+            for i in value_state_ids(optimizer, model):
                 if i in state["state"]:  # a new dict: the optimizer's own state stays as it is
                     state["state"][i] = {name: self.gather_columns(t) if t.dim() == 2 else t
                                          for name, t in state["state"][i].items()}
@@ -240,11 +240,11 @@ class Parallel:
             whole[:, src * width:(src + 1) * width] = received.cpu()
         return whole
 
-    def own_columns(self, optimizer_state, model):
+    def own_columns(self, optimizer_state, optimizer, model):
         """A checkpoint's optimizer state (tables' moments whole) with each table's moments cut to the
         columns this rank holds; the model's tables cut their own weights as they load (take_columns)."""
         if self.mem_parallel > 1:
-            for i, table in zip(value_state_ids(optimizer_state), model.values):
+            for i, table in zip(value_state_ids(optimizer, model), model.values):
                 if i in optimizer_state["state"]:
                     optimizer_state["state"][i] = {
                         name: t[:, table.columns].contiguous() if t.dim() == 2 else t
@@ -296,46 +296,3 @@ def shutdown():
     """Leave the process group if this process joined one: at exit, after an error too."""
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-# ---- what each rank holds -------------------------------------------------------------------------------
-def bytes_per_rank(model_config, mem_parallel):
-    """Parameters on one rank and the bytes of its fp32 weights, gradients, DDP buckets and AdamW moments."""
-    with torch.device("meta"):  # shapes only, nothing allocated
-        model = GPT(model_config, value_table=partial(ShardedValueTable, shard=0, shards=mem_parallel, group=None))
-    table = sum(p.numel() for p in model.values.parameters())
-    replicated = sum(p.numel() for p in model.parameters()) - table
-    held = {"weights": 4 * (table + replicated), "grads": 4 * (table + replicated),
-            "DDP buckets": 4 * replicated,  # DDP all-reduces a copy of the replicated gradients
-            "AdamW": 8 * (table + replicated)}  # exp_avg and exp_avg_sq
-    return {"table": table, "replicated": replicated, **held, "total": sum(held.values())}
-
-
-def main(argv=None):
-    """Print what each rank holds for a config (as train.py reads it), for memory-parallel groups of 1-8."""
-    from train import MODEL_KEYS, load_config  # train imports this module
-    argv = sys.argv[1:] if argv is None else argv
-    try:
-        config = load_config(argv)
-        model_config = GPTConfig(vocab_size=50257, **{k: config[k] for k in MODEL_KEYS})
-    except ConfigError as e:
-        sys.exit(f"error: {e}")
-    values = model_config.mem_n_keys ** 2 if model_config.memory_layers else 0
-    full = bytes_per_rank(model_config, 1)
-    print(f"{' '.join(argv)}: {values:,} values x {model_config.mem_v_dim} ({full['table'] / 1e6:,.1f}M table "
-          f"parameters), {full['replicated'] / 1e6:,.1f}M replicated parameters (GPT-2 vocabulary of 50257)")
-    print("per rank, fp32, GiB; any number of groups (a rank's share depends on mem_parallel only); "
-          "activations not included")
-    columns = ["weights", "grads", "DDP buckets", "AdamW", "total"]
-    print(f"{'mem_parallel':>12} {'params/rank':>12} " + " ".join(f"{c:>11}" for c in columns))
-    for m in (1, 2, 4, 8):
-        if model_config.mem_v_dim % m == 0:
-            held = bytes_per_rank(model_config, m)
-            print(f"{m:>12} {(held['table'] + held['replicated']) / 1e6:>11,.1f}M " +
-                  " ".join(f"{held[c] / 2**30:>11.2f}" for c in columns))
-    print(f"a checkpoint (weights and AdamW moments, tables whole) is {(full['weights'] + full['AdamW']) / 2**30:.2f} "
-          "GiB, gathered in rank 0's host memory to be written")
-
-
-if __name__ == "__main__":
-    main()

@@ -13,48 +13,45 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import ConfigError
 from memory import ProductKeyMemory, ValueTable
 from moe import MoE
 from peer import PEER
 
-
-class ConfigError(ValueError):
-    """A setting that cannot work; the message names the setting and how to fix it."""
-
-
 @dataclass
 class GPTConfig:
-    vocab_size: int = 50304
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
+    # the GPT
+    vocab_size: int = 50304  # from the dataset's meta.json
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads
+    n_embd: int = 384  # width of the residual stream
     ffn_hidden: int = 0  # SwiGLU hidden size; 0: 8/3 * n_embd rounded up to a multiple of 64
-    tie_embeddings: bool = True
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    # memory layers (DESIGN.md section 1); 0-based layer indices that get a memory layer
-    memory_layers: tuple = ()
+    tie_embeddings: bool = True  # the output layer shares the token embedding
+    rope_theta: float = 10000.0  # base of the rotary position embedding
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    # memory layers (memory.py, docs/method.md section 1)
+    memory_layers: tuple = ()  # 0-based layers whose FFN is a product-key memory layer
     mem_n_keys: int = 128  # sub-keys per half: n_keys**2 values
-    mem_heads: int = 4
-    mem_knn: int = 32
+    mem_heads: int = 4  # query heads per memory layer
+    mem_knn: int = 32  # rows read per head (heads*knn per token)
     mem_k_dim: int = 0  # query size per head; 0: n_embd // 2
     mem_v_dim: int = 0  # value size; 0: n_embd (must be n_embd without swilu)
     mem_share_values: bool = True  # one table for all memory layers (Memory+) or one each
     mem_swilu: bool = True  # Memory+ gated output projection
-    mem_qk_norm: bool = False
+    mem_qk_norm: bool = False  # RMS-normalise query halves and sub-keys (for unstable small models)
     # mixture-of-experts layers (moe.py): SwiGLU experts, token-choice top-k, dropless
-    moe_layers: tuple = ()
-    moe_num_experts: int = 8
-    moe_top_k: int = 1
+    moe_layers: tuple = ()  # 0-based layers whose FFN is an MoE
+    moe_num_experts: int = 8  # experts per MoE layer
+    moe_top_k: int = 1  # experts per token
     moe_hidden: int = 0  # hidden size of each expert; 0: ffn_hidden
     moe_aux_loss_weight: float = 0.01  # Switch load-balancing loss, added to the training loss
     moe_z_loss_weight: float = 0.001  # router z-loss, added to the training loss
     # PEER layers (peer.py): product-key retrieval of peer_n_keys**2 single-neuron experts
-    peer_layers: tuple = ()
-    peer_n_keys: int = 128
-    peer_heads: int = 8
-    peer_knn: int = 16
+    peer_layers: tuple = ()  # 0-based layers whose FFN is a PEER layer
+    peer_n_keys: int = 128  # sub-keys per half: n_keys**2 experts
+    peer_heads: int = 8  # retrieval heads
+    peer_knn: int = 16  # experts per head
     peer_k_dim: int = 0  # query size per head; 0: n_embd // 2
 
     def __post_init__(self):
@@ -241,7 +238,8 @@ class GPT(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
-        """GPT-2 style init for dense weights (residual projections scaled by depth); memory layers keep theirs."""
+        """GPT-2 style init for dense weights (residual projections scaled by depth); memory, MoE and PEER
+        blocks then reset their own. The value tables initialised themselves, once, where they were made."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
@@ -251,8 +249,6 @@ class GPT(nn.Module):
                 nn.init.normal_(block.ffn.w2.weight, std=self.config.residual_std)
             else:
                 block.ffn.reset_parameters()
-        for table in self.values:
-            table.reset_parameters()
 
     def forward(self, idx, targets=None, caches=None, start=0):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given,
@@ -318,7 +314,8 @@ class GPT(nn.Module):
         its own (and of the value rows it reads) a token uses; an untied input embedding counts one row."""
         cfg = self.config
         tables = sum(len(t.weight) * t.v_dim for t in self.values)  # whole, also where a rank holds a column shard
-        total = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("values.")) + tables
+        held = {id(p) for _, p in self.value_parameters()}
+        total = sum(p.numel() for p in self.parameters() if id(p) not in held) + tables
         ffn_total = sum(p.numel() for block in self.blocks for p in block.ffn.parameters()) + tables
         ffn_active = sum(block.ffn.active_params() for block in self.blocks)
         embedding = 0 if cfg.tie_embeddings else self.tok_emb.weight.numel() - cfg.n_embd
@@ -331,21 +328,36 @@ class GPT(nn.Module):
         return 2 * cfg.vocab_size * cfg.n_embd + sum(attention + b.ffn.flops_per_token() for b in self.blocks)
 
     # ---- optimisation -----------------------------------------------------------------------------
+    VALUE_GROUP = "values"  # the name of the value tables' optimizer group
+
+    def value_parameters(self):
+        """(name, parameter) of every value table, in table order: the one answer to "which parameters are
+        the memory's values", asked by the optimizer groups, clipping, gradient averaging, DDP and
+        checkpoints alike."""
+        tables = {id(p) for p in self.values.parameters()}
+        return [(name, p) for name, p in self.named_parameters() if id(p) in tables]
+
+    def no_decay_parameters(self):
+        """Parameters that weight decay would only pull towards zero for no gain, by role: biases and the
+        gains of normalisations (RMSNorm weights, the memory layers' qk-norm query gain)."""
+        return [p for module in self.modules() for name, p in module.named_parameters(recurse=False)
+                if isinstance(module, nn.RMSNorm) or name == "bias" or name.endswith("_gain")]
+
     def optimizer_groups(self, weight_decay, learning_rate, value_lr):
-        """AdamW groups: matrices (decayed), vectors (not decayed), value tables (their own peak lr).
+        """AdamW groups: weights (decayed), biases and norm gains (not decayed), value tables (their own peak lr).
 
         Each group carries its name and peak lr, so the schedule scales every group alike and the value
         table can be clipped on its own.
         """
-        value_params = {id(p) for p in self.values.parameters()}
-        params = [p for p in self.parameters() if p.requires_grad]
+        values = [p for _, p in self.value_parameters()]
+        no_decay = {id(p) for p in self.no_decay_parameters()}
+        others = [p for p in self.parameters() if p.requires_grad and id(p) not in {id(v) for v in values}]
         groups = [
-            {"name": "decay", "params": [p for p in params if id(p) not in value_params and p.dim() >= 2],
+            {"name": "decay", "params": [p for p in others if id(p) not in no_decay],
              "weight_decay": weight_decay, "peak_lr": learning_rate},
-            {"name": "no_decay", "params": [p for p in params if id(p) not in value_params and p.dim() < 2],
+            {"name": "no_decay", "params": [p for p in others if id(p) in no_decay],
              "weight_decay": 0.0, "peak_lr": learning_rate},
-            {"name": "values", "params": list(self.values.parameters()),
-             "weight_decay": weight_decay, "peak_lr": value_lr},
+            {"name": self.VALUE_GROUP, "params": values, "weight_decay": weight_decay, "peak_lr": value_lr},
         ]
         for g in groups:
             g["lr"] = g["peak_lr"]

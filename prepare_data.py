@@ -26,57 +26,12 @@ import urllib.request
 import numpy as np
 
 import facts
+from data import Tokenizer, gpt2_encoding
+from errors import UserError
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 TOKENIZERS = ("compact", "gpt2", "char")
-
-
-def gpt2_encoding():
-    import tiktoken
-    try:
-        return tiktoken.get_encoding("gpt2")
-    except Exception as e:  # tiktoken downloads its BPE files on first use
-        raise RuntimeError("cannot load the GPT-2 tokenizer: tiktoken downloads it once from the internet, "
-                           f"or set TIKTOKEN_CACHE_DIR to a folder that holds its files ({type(e).__name__}: {e})")
-
-
-class Tokenizer:
-    """Encode/decode for the three tokenizers, rebuilt from meta.json."""
-
-    def __init__(self, meta):
-        self.kind = meta["tokenizer"]
-        self.vocab_size = meta["vocab_size"]
-        if self.kind == "char":
-            self.chars = meta["chars"]
-            self.char_to_id = {c: i for i, c in enumerate(self.chars)}
-        else:
-            self.bpe = gpt2_encoding()
-            self.compact_ids = meta.get("compact_ids")
-            if self.kind == "compact":
-                self.gpt2_to_id = {g: i for i, g in enumerate(self.compact_ids)}
-
-    def encode(self, text):
-        if self.kind == "char":
-            missing = sorted(set(text) - self.char_to_id.keys())
-            if missing:
-                raise ValueError(f"characters {missing!r} are not in this dataset's vocabulary")
-            return [self.char_to_id[c] for c in text]
-        ids = self.bpe.encode_ordinary(text)
-        if self.kind == "gpt2":
-            return ids
-        missing = [self.bpe.decode([g]) for g in ids if g not in self.gpt2_to_id]
-        if missing:
-            raise ValueError(f"tokens {missing[:5]!r} never occur in this dataset, so its compact vocabulary "
-                             "cannot encode them")
-        return [self.gpt2_to_id[g] for g in ids]
-
-    def decode(self, ids):
-        if self.kind == "char":
-            return "".join(self.chars[i] for i in ids)
-        if self.kind == "compact":
-            ids = [self.compact_ids[i] for i in ids]
-        return self.bpe.decode(ids)
 
 
 def tokenize(text, kind):
@@ -110,6 +65,17 @@ def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0
             "source": source}
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f)
+    return meta
+
+
+def write_facts(n_entities, seed, attributes, kind, name="facts", data_dir="data"):
+    """data_dir/name: the knowledge base of facts.py as bins and meta.json (write_dataset), and its eval.json;
+    returns meta."""
+    kb = facts.make_facts(n_entities, seed, tuple(attributes))
+    train, val = facts.knowledge_text(kb, seed)
+    source = f"facts.py: {n_entities} entities, attributes {','.join(attributes)}, seed {seed}"
+    meta = write_dataset(train, name, kind, data_dir, source, val_text=val)
+    facts.write_eval(kb, seed, Tokenizer(meta), os.path.join(data_dir, name, facts.EVAL_FILE))
     return meta
 
 
@@ -288,8 +254,8 @@ def main(argv=None):
                                 val_tokens, args.shard_tokens, source)
         elif args.corpus == "facts":
             name = args.name
-            meta = facts.write_dataset(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer,
-                                       name, args.data_dir)
+            meta = write_facts(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer, name,
+                               args.data_dir)
         else:
             if args.corpus == "shakespeare":
                 text, source = shakespeare_text(args.input, args.data_dir)
@@ -297,7 +263,7 @@ def main(argv=None):
             else:
                 text, source, name = read_text(args.input), " ".join(args.input), args.name
             meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
     print(f"wrote {os.path.join(args.data_dir, name)}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens, {meta['tokenizer']} vocabulary of {meta['vocab_size']:,}")

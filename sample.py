@@ -12,10 +12,11 @@ import sys
 
 import torch
 
-from model import GPT, ConfigError, GPTConfig
-from prepare_data import Tokenizer
 from checkpoint import load_checkpoint
-from train import pick_device
+from config import pick_device
+from data import Tokenizer
+from errors import DataError, UserError
+from model import GPT, GPTConfig
 
 
 def parse_args(argv):
@@ -44,7 +45,7 @@ def read_prompt(start):
         with open(start[5:], encoding="utf-8") as f:
             return f.read()
     except OSError as e:
-        raise ConfigError(f"cannot read prompt file {start[5:]}: {e.strerror}")
+        raise DataError(f"cannot read prompt file {start[5:]}: {e.strerror}")
 
 
 def main(argv=None):
@@ -58,12 +59,12 @@ def main(argv=None):
         tokenizer = Tokenizer(checkpoint["meta"])
         prompt = read_prompt(args.start)
         if not prompt:
-            raise ConfigError("the prompt is empty: pass --start=TEXT (the default is a newline)")
+            raise DataError("the prompt is empty: pass --start=TEXT (the default is a newline)")
         try:
             ids = tokenizer.encode(prompt)
         except ValueError as e:
-            raise ConfigError(f"cannot encode the prompt: {e}")
-    except (ConfigError, RuntimeError) as e:
+            raise DataError(f"cannot encode the prompt: {e}")
+    except (UserError, RuntimeError) as e:
         sys.exit(f"error: {e}")
     if len(ids) > model.config.block_size:
         print(f"note: the prompt's {len(ids)} tokens are longer than the context of {model.config.block_size}; "

@@ -1,12 +1,16 @@
-"""What a config costs, and the baselines a memory model is compared with (DESIGN.md section 4).
+"""What a config costs, the baselines a memory model is compared with (docs/method.md section 4), and
+what each rank holds when the value tables are split over GPUs.
 
     python sizing.py configs/A.py [configs/B.py ...] [--key=value ...]
+    python sizing.py configs/A.py --mem_parallel=8   # also the bytes one rank holds, for M = 1 and 8
 
 For each config (with the overrides, as train.py reads them): total parameters, parameters active per
 token, forward FLOPs per token. For a config with memory layers, also its baselines, each with the
 train.py overrides that turn the config into it:
 - dense at 1x, 2x and 4x its FLOPs per token (`dense_baseline`);
 - the MoE with the smallest expert count whose total parameters exceed the memory model's (`moe_baseline`).
+With --mem_parallel=M: the parameters and fp32 bytes (weights, gradients, DDP buckets, AdamW moments) one
+rank holds with the tables split by columns over M ranks, against M = 1 (activations not included).
 vocab_size comes from the dataset's meta.json when it has been prepared, else GPTConfig's default.
 Models are built on the meta device: nothing is allocated, so large configs cost nothing to size.
 """
@@ -15,12 +19,15 @@ import os
 import shlex
 import sys
 from dataclasses import asdict, replace
+from functools import partial
 from itertools import count
 
 import torch
 
-from model import GPT, ConfigError, GPTConfig
-from train import MODEL_KEYS, load_config
+from config import gpt_config, load_config
+from distributed import ShardedValueTable
+from errors import UserError
+from model import GPT, GPTConfig
 
 
 def costs(config):
@@ -87,6 +94,37 @@ def report(config, name):
     return lines
 
 
+def bytes_per_rank(model_config, mem_parallel):
+    """Parameters on one rank and the bytes of its fp32 weights, gradients, DDP buckets and AdamW moments."""
+    with torch.device("meta"):  # shapes only, nothing allocated
+        model = GPT(model_config, value_table=partial(ShardedValueTable, shard=0, shards=mem_parallel, group=None))
+    table = sum(p.numel() for _, p in model.value_parameters())
+    replicated = sum(p.numel() for p in model.parameters()) - table
+    held = {"weights": 4 * (table + replicated), "grads": 4 * (table + replicated),
+            "DDP buckets": 4 * replicated,  # DDP all-reduces a copy of the replicated gradients
+            "AdamW": 8 * (table + replicated)}  # exp_avg and exp_avg_sq
+    return {"table": table, "replicated": replicated, **held, "total": sum(held.values())}
+
+
+def per_rank_report(model_config, mem_parallel):
+    """Lines of text: what one rank holds with mem_parallel = 1 and with the given one, fp32 GiB."""
+    if model_config.mem_v_dim % mem_parallel:
+        raise UserError(f"mem_parallel={mem_parallel} must divide mem_v_dim={model_config.mem_v_dim}")
+    values = model_config.mem_n_keys ** 2 if model_config.memory_layers else 0
+    full = bytes_per_rank(model_config, 1)
+    columns = ["weights", "grads", "DDP buckets", "AdamW", "total"]
+    lines = [f"per rank: {values:,} values x {model_config.mem_v_dim} ({full['table'] / 1e6:,.1f}M table parameters), "
+             f"{full['replicated'] / 1e6:,.1f}M replicated parameters; fp32 GiB, activations not included",
+             f"{'mem_parallel':>12} {'params/rank':>12} " + " ".join(f"{c:>11}" for c in columns)]
+    for m in sorted({1, mem_parallel}):
+        held = bytes_per_rank(model_config, m)
+        lines.append(f"{m:>12} {(held['table'] + held['replicated']) / 1e6:>11,.1f}M " +
+                     " ".join(f"{held[c] / 2**30:>11.2f}" for c in columns))
+    lines.append(f"a checkpoint (weights and AdamW moments, tables whole) is "
+                 f"{(full['weights'] + full['AdamW']) / 2**30:.2f} GiB, gathered in rank 0's host memory to be written")
+    return lines
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     files = [a for a in argv if not a.startswith("--")]
@@ -96,13 +134,15 @@ def main(argv=None):
         for path in files:  # a+b.py: config files applied in order, as train.py applies them
             config = load_config(path.split("+") + [a for a in argv if a.startswith("--")])
             meta = os.path.join(config["data_dir"], config["dataset"], "meta.json")
-            vocab = {}
+            vocab_size = GPTConfig.vocab_size
             if os.path.exists(meta):
                 with open(meta) as f:
-                    vocab = {"vocab_size": json.load(f)["vocab_size"]}
-            model_config = GPTConfig(**vocab, **{k: config[k] for k in MODEL_KEYS})
+                    vocab_size = json.load(f)["vocab_size"]
+            model_config = gpt_config(config, vocab_size)
             print("\n".join(report(model_config, os.path.basename(path))))
-    except ConfigError as e:
+            if any(a.startswith("--mem_parallel=") for a in argv):
+                print("\n".join(per_rank_report(model_config, config["mem_parallel"])))
+    except UserError as e:
         sys.exit(f"error: {e}")
 
 

@@ -3,15 +3,12 @@
     python train.py configs/NAME.py [--key=value ...]
     torchrun --standalone --nproc_per_node=N train.py configs/NAME.py [--mem_parallel=M ...]
 
-A config file is Python that assigns keys (see TrainConfig and model.GPTConfig for all of them and
-their defaults); --key=value overrides it. Logs go to OUT_DIR/log.jsonl (one JSON object per event),
+A config file is Python that assigns keys (config.py; `python train.py --help` lists every key with its
+default and meaning); --key=value overrides win over every config file. Logs go to OUT_DIR/log.jsonl (one JSON object per event),
 the checkpoint to OUT_DIR/ckpt.pt (a plain dict: torch.load(..., weights_only=True) reads it).
 Under torchrun, batch_size is per rank, rank 0 alone logs and writes, and the value tables are split
 by columns over groups of mem_parallel ranks (distributed.py); checkpoints do not depend on the layout.
 """
-import ast
-import difflib
-import glob
 import json
 import math
 import os
@@ -20,204 +17,22 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 
-import numpy as np
 import torch
 
 import distributed
-from checkpoint import load_checkpoint, load_latest, save_checkpoint
+from checkpoint import load_latest, save_checkpoint
+from config import gpt_config, load_config, pick_device, pick_dtype, usage
+from data import batch_generator, get_batch, load_dataset
+from errors import ConfigError, NumericsError, UserError
 from facts import describe_scores, load_eval, score_facts
 from memory import usage_stats
+from model import GPT
 from optim import RowAdamW, clip_grad_norm_
-from model import GPT, ConfigError, GPTConfig
-
-
-@dataclass
-class TrainConfig:
-    # data and output
-    dataset: str = "shakespeare"
-    data_dir: str = "data"
-    out_dir: str = "out"
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
-    # loop
-    max_iters: int = 2000
-    eval_interval: int = 250
-    eval_iters: int = 20
-    facts_eval_size: int = 500  # question/answer pairs of each kind scored at each eval when the dataset has them
-    log_interval: int = 10
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    # AdamW and schedule: linear warmup, cosine decay to min_lr at lr_decay_iters (0: max_iters)
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
-    lr_decay_iters: int = 0
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
-    mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
-    mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
-    mem_sparse_update: bool = False  # value tables: touched-row gradients and RowAdamW instead of dense AdamW
-    nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (weights untouched) or 'skip' the step
-    # system
-    device: str = "auto"  # 'auto': cuda, then mps, then cpu
-    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
-    compile: bool = False
-    seed: int = 1337
-    mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
-
-
-MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
-
-
-def default_config():
-    config = asdict(TrainConfig())
-    config.update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS})
-    return config
-
-
-def coerce(key, value, default):
-    """value converted to the type of key's default, or a ConfigError naming the key."""
-    expected = type(default)
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected is tuple and isinstance(value, (list, tuple)):
-        value = tuple(value)
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-            return value
-    elif isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
-        return value
-    want = "a tuple of ints" if expected is tuple else expected.__name__
-    raise ConfigError(f"config key '{key}' expects {want}, got {value!r}")
-
-
-def set_key(config, key, value, where):
-    if key not in config:
-        close = difflib.get_close_matches(key, config, n=1)
-        hint = f" (did you mean '{close[0]}'?)" if close else ""
-        raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
-    config[key] = coerce(key, value, config[key])
-
-
-def load_config(argv):
-    """Defaults, then the config files in argv, then its --key=value overrides, in order."""
-    config = default_config()
-    for arg in argv:
-        if arg.startswith("--"):
-            key, sep, text = arg[2:].partition("=")
-            if not sep:
-                raise ConfigError(f"override {arg!r} must look like --key=value")
-            try:
-                value = ast.literal_eval(text)
-            except (ValueError, SyntaxError):
-                value = text  # a bare string such as --dataset=shakespeare
-            set_key(config, key, value, "command line")
-        else:
-            try:
-                with open(arg) as f:
-                    source = f.read()
-            except OSError as e:
-                raise ConfigError(f"cannot read config file {arg}: {e.strerror}")
-            namespace = {}
-            exec(compile(source, arg, "exec"), namespace)
-            for key, value in namespace.items():
-                if not key.startswith("_") and not type(value).__name__ == "module":
-                    set_key(config, key, value, arg)
-    for key, allowed in (("init_from", ("scratch", "resume")), ("nonfinite", ("stop", "skip"))):
-        if config[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
-    return config
-
-
-# ---- data -------------------------------------------------------------------------------------------
-class Tokens:
-    """A split's uint16 token ids, stored in one file or in numbered shards, read as one sequence."""
-
-    def __init__(self, paths):
-        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
-        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in paths]
-        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # of each shard, then the end
-
-    def __len__(self):
-        return int(self.starts[-1])
-
-    def read(self, start, length):
-        """The ids at start..start+length-1, across shard boundaries."""
-        parts, shard = [], int(np.searchsorted(self.starts, start, side="right")) - 1
-        while length > 0:
-            part = self.shards[shard][start - self.starts[shard]:start - self.starts[shard] + length]
-            parts.append(part)
-            start, length, shard = start + len(part), length - len(part), shard + 1
-        return np.concatenate(parts)
-
-
-def load_dataset(config):
-    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset."""
-    folder = os.path.join(config["data_dir"], config["dataset"])
-    files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
-             else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
-    missing = [f"{s}.bin" for s, paths in files.items() if not paths]
-    if not os.path.exists(os.path.join(folder, "meta.json")):
-        missing.append("meta.json")
-    if missing:
-        raise ConfigError(f"dataset '{config['dataset']}' not found ({folder} lacks {', '.join(missing)}): make it "
-                          f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
-                          f"--name {config['dataset']}`")
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    splits = {s: Tokens(paths) for s, paths in files.items()}
-    for split, data in splits.items():
-        if len(data) <= config["block_size"]:
-            raise ConfigError(f"block_size={config['block_size']} needs more than {len(data)} tokens, "
-                              f"the size of {data.name}: lower block_size")
-    return splits, meta
-
-
-def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=0, world=1):
-    """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64.
-
-    With world ranks the generator draws world*batch_size windows and rank takes its batch_size of them,
-    so the ranks together see exactly the batch that one process with world*batch_size would.
-    """
-    starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
-    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
-    windows = torch.from_numpy(np.stack([data.read(s, block_size + 1) for s in starts]).astype(np.int64))
-    if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
-        raise ConfigError(f"{data.name} holds token id {int(windows.max())}, beyond the vocabulary of "
-                          f"{vocab_size} in its meta.json: prepare the dataset again")
-    windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
-    return windows[:, :-1], windows[:, 1:]
-
-
-def batch_generator(seed, step):
-    """The batches of a step depend only on (seed, step): runs resume on the same data order."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 # ---- training ---------------------------------------------------------------------------------------
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
-
-
-def pick_dtype(name, device):
-    if name == "auto":
-        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-        return torch.bfloat16 if bf16 else torch.float32
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in dtypes:
-        raise ConfigError(f"dtype must be one of {['auto', *dtypes]}, got {name!r}")
-    return dtypes[name]
-
-
 def lr_factor(step, config):
     """Linear warmup to 1, cosine decay to min_lr/learning_rate at lr_decay_iters, then flat."""
     decay_iters = config["lr_decay_iters"] or config["max_iters"]
@@ -308,7 +123,7 @@ def make_optimizers(model, config, device):
     AdamW without the value tables plus {"value_optimizer": RowAdamW} over them (touched rows only)."""
     groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
     betas = (config["beta1"], config["beta2"])
-    value_groups = [g for g in groups if g["name"] == "values"] if config["mem_sparse_update"] else []
+    value_groups = [g for g in groups if g["name"] == model.VALUE_GROUP] if config["mem_sparse_update"] else []
     dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
     optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")}
     if value_groups:
@@ -316,21 +131,17 @@ def make_optimizers(model, config, device):
     return optimizers
 
 
-class NonFiniteError(ConfigError):
-    """A non-finite loss or gradient with nonfinite='stop'."""
-
-
 def train(config):
-    """Train as config says; returns the model. Raises ConfigError (and subclasses) for bad input."""
+    """Train as config says; returns the model. Raises a UserError for bad input."""
     torch.manual_seed(config["seed"])
     device = pick_device(config["device"])
     dtype = pick_dtype(config["dtype"], device)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    splits, meta = load_dataset(config)
+    splits, meta = load_dataset(config["data_dir"], config["dataset"], config["block_size"])
     facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"])
     os.makedirs(config["out_dir"], exist_ok=True)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
-    model_config = GPTConfig(vocab_size=meta["vocab_size"], **{k: config[k] for k in MODEL_KEYS})
+    model_config = gpt_config(config, meta["vocab_size"])
     par = distributed.setup(config["mem_parallel"], device, model_config)
     device = par.device
     if dtype == torch.float16 and par.world > 1:
@@ -345,10 +156,10 @@ def train(config):
                   for k, v in checkpoint["model_config"].items() if now.get(k) != v]
         if differ:
             raise ConfigError(f"config contradicts {ckpt_source}: {'; '.join(differ)}")
-    model = GPT(model_config, value_table=par.value_table)
+    with torch.device(device):  # every weight initialised once, where it lives
+        model = GPT(model_config, value_table=par.value_table)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
-    model.to(device)
     for table in model.values:
         table.sparse_grad = config["mem_sparse_update"]
     optimizers = make_optimizers(model, config, device)
@@ -360,15 +171,14 @@ def train(config):
                               "resume with the same setting")
         for name, optimizer in optimizers.items():
             settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
-            optimizer.load_state_dict(par.own_columns(checkpoint[name], model))
+            optimizer.load_state_dict(par.own_columns(checkpoint[name], optimizer, model))
             for group, setting in zip(optimizer.param_groups, settings):  # the config, not the checkpoint, decides
                 group.update(setting)
         torch.set_rng_state(checkpoint["rng_state"])
         start_iter = checkpoint["iter_num"]
     del checkpoint  # it holds every table and its moments whole: not to be kept in host memory all run
-    value_params = list(model.values.parameters())
-    value_ids = {id(p) for p in value_params}
-    other_params = [p for p in model.parameters() if id(p) not in value_ids]
+    value_params = [p for _, p in model.value_parameters()]
+    other_params = [p for p in model.parameters() if all(p is not v for v in value_params)]
     wrapped = par.wrap(model)  # DDP, blind to the value tables
     step_model = torch.compile(wrapped) if config["compile"] else wrapped
 
@@ -386,7 +196,7 @@ def train(config):
     def save(iter_num):
         """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
         state = {"model": par.full_model_state(model),
-                 **{name: par.full_optimizer_state(optimizer) for name, optimizer in optimizers.items()}}
+                 **{name: par.full_optimizer_state(optimizer, model) for name, optimizer in optimizers.items()}}
         if par.is_main:
             save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
                              "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
@@ -428,7 +238,7 @@ def train(config):
                         loss = step_model(x, y)[1] / micro_steps
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
-            par.average_value_grads(model.values)
+            par.average_value_grads(value_params)
             loss_sum = par.mean(loss_sum)  # with the norms below, the same on every rank: all take the same branch
             for optimizer in optimizers.values():
                 scaler.unscale_(optimizer)
@@ -439,7 +249,7 @@ def train(config):
                 message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum)}, gradient norm "
                            f"{float(grad_norm)}, value gradient norm {float(value_grad_norm)})")
                 if config["nonfinite"] == "stop":
-                    raise NonFiniteError(f"{message}; weights not updated, {ckpt_path} left as it was: resume "
+                    raise NumericsError(f"{message}; weights not updated, {ckpt_path} left as it was: resume "
                                          "from it with a lower learning_rate, or set nonfinite='skip'")
                 log("skip", f"{message}: step skipped", iter=iter_num)
             else:
@@ -474,9 +284,13 @@ def train(config):
 
 
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(usage())
+        return
     try:
-        train(load_config(sys.argv[1:] if argv is None else argv))
-    except ConfigError as e:
+        train(load_config(argv))
+    except UserError as e:
         sys.exit(f"error: {e}")
     finally:
         distributed.shutdown()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import prepare_data
-from train import get_batch, load_dataset
+from data import get_batch, load_dataset
 
 
 @pytest.fixture
@@ -46,7 +46,7 @@ def test_shards_hold_the_documents_in_order_and_train_reads_them(jsonl, document
     assert meta["train_tokens"] == 2500 and meta["val_tokens"] == 500
     want = gpt2_stream(documents, 3000)
 
-    splits, _ = load_dataset({"data_dir": str(tmp_path), "dataset": "fineweb_edu", "block_size": 64})
+    splits, _ = load_dataset(str(tmp_path), "fineweb_edu", 64)
     assert len(splits["val"]) == 500 and len(splits["train"]) == 2500
     assert np.array_equal(splits["val"].read(0, 500), want[:500])
     assert np.array_equal(splits["train"].read(0, 2500), want[500:])

@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import bench
 import facts
 from conftest import ROOT
 from model import GPT, GPTConfig
-from prepare_data import Tokenizer
+from data import Tokenizer
+from prepare_data import write_facts
 
 
 def test_generator_is_deterministic_for_a_seed():
@@ -50,7 +52,7 @@ def test_every_eval_answer_is_a_fact_of_the_training_text():
 
 @pytest.mark.parametrize("kind", ["compact", "char"])
 def test_prepared_files_decode_to_the_knowledge_text(tmp_path, kind):
-    meta = facts.write_dataset(30, 5, list(facts.ATTRIBUTES), kind, "kb", str(tmp_path))
+    meta = write_facts(30, 5, list(facts.ATTRIBUTES), kind, "kb", str(tmp_path))
     tokenizer = Tokenizer(meta)
     train, val = facts.knowledge_text(facts.make_facts(30, 5), 5)
     for split, text in (("train", train), ("val", val)):
@@ -154,12 +156,13 @@ def test_scores_equal_greedy_generation_and_unbatched_nll_of_a_real_model():
 @pytest.fixture(scope="module")
 def facts_data_dir(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("facts_data")
-    facts.write_dataset(40, 0, list(facts.ATTRIBUTES), "compact", "facts", str(data_dir))
+    write_facts(40, 0, list(facts.ATTRIBUTES), "compact", "facts", str(data_dir))
     return str(data_dir)
 
 
 def test_train_logs_fact_scores_at_each_eval(facts_data_dir, tmp_path):
-    from train import load_config, train
+    from config import load_config
+    from train import train
     config = load_config([])
     config.update(dataset="facts", data_dir=facts_data_dir, out_dir=str(tmp_path), n_layer=1, n_head=2, n_embd=32,
                   block_size=32, batch_size=4, max_iters=4, eval_interval=2, eval_iters=1, facts_eval_size=20,
@@ -178,7 +181,7 @@ def test_train_logs_fact_scores_at_each_eval(facts_data_dir, tmp_path):
 def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path):
     tiny = ["n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "max_iters=2", "eval_interval=2", "eval_iters=1",
             "facts_eval_size=10", "mem_n_keys=8", "mem_knn=4", "mem_k_dim=16"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", "--models=dense,memplus",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--models=dense,memplus",
                              "--seeds=2", "--jobs=2", f"--out={tmp_path}", f"--data_dir={facts_data_dir}", *tiny],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -187,7 +190,7 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
     assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
                                                   ["| memplus", "2"]]
     assert "Memory+ fact accuracy" in table
-    assert all(len(r.split(" | ")) == len(facts.COLUMNS) for r in rows)
+    assert all(len(r.split(" | ")) == len(bench.COLUMNS) for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -197,6 +200,6 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
     (["--sedes=3"], "error: unrecognized arguments: --sedes=3"),
 ])
 def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "facts.py"), "compare", f"--out={tmp_path}", *args],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", f"--out={tmp_path}", *args],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)

@@ -4,7 +4,8 @@ import copy
 import pytest
 import torch
 
-from model import GPT, ConfigError, GPTConfig, SwiGLU
+from errors import ConfigError
+from model import GPT, GPTConfig, SwiGLU
 from memory import ProductKeyMemory
 
 TINY = dict(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32, mem_n_keys=8, mem_heads=2, mem_knn=4)
@@ -118,6 +119,35 @@ def test_optimizer_groups_give_the_value_table_its_own_lr():
     seen = [id(p) for g in groups.values() for p in g["params"]]
     assert sorted(seen) == sorted(id(p) for p in model.parameters())
     assert all(p.dim() < 2 for p in groups["no_decay"]["params"])
+
+
+def test_norm_gains_and_biases_are_not_decayed_whatever_their_shape():
+    """The qk-norm query gain is (2, k_dim/2): a gain, not a weight matrix, so it must not be decayed."""
+    model = GPT(GPTConfig(**TINY, memory_layers=(1,), mem_qk_norm=True, moe_layers=(0,)))
+    groups = {g["name"]: g for g in model.optimizer_groups(0.1, 1e-3, 1e-2)}
+    no_decay = {id(p) for p in groups["no_decay"]["params"]}
+    named = dict(model.named_parameters())
+    expected = {n for n in named if n.endswith(("bias", "_gain")) or "norm" in n.split(".")[-2]}
+    assert "blocks.1.ffn.query_gain" in expected and named["blocks.1.ffn.query_gain"].dim() == 2
+    assert {n for n, p in named.items() if id(p) in no_decay} == expected
+    assert groups["decay"]["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in groups["decay"]["params"])
+
+
+def test_value_tables_are_initialised_once(monkeypatch):
+    """Drawing a 1M x 768 table costs seconds: the model must not draw it again after the table has."""
+    from memory import ValueTable
+    calls = []
+    original = ValueTable.reset_parameters
+    monkeypatch.setattr(ValueTable, "reset_parameters", lambda self: calls.append(self) or original(self))
+    model = GPT(GPTConfig(**TINY, memory_layers=(0, 1), mem_share_values=False))
+    assert len(calls) == 2 and {id(t) for t in calls} == {id(t) for t in model.values}
+
+
+def test_value_parameters_name_the_tables_in_order():
+    model = GPT(GPTConfig(**TINY, memory_layers=(0, 1), mem_share_values=False))
+    names = [name for name, _ in model.value_parameters()]
+    assert [p for _, p in model.value_parameters()] == [t.weight for t in model.values]
+    assert all(dict(model.named_parameters())[n] is p for n, p in model.value_parameters()) and len(names) == 2
 
 
 def test_deepcopy_and_state_dict_round_trip():

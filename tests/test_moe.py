@@ -3,9 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, ConfigError, GPTConfig, SwiGLU
+from errors import ConfigError
+from model import GPT, GPTConfig, SwiGLU
 from moe import MoE
-from test_train import config_for, read_log, run
+from conftest import config_for, read_log, run
 from train import train
 
 TINY = dict(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32)

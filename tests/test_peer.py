@@ -3,10 +3,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import GPT, ConfigError, GPTConfig
+from errors import ConfigError
+from model import GPT, GPTConfig
 from peer import PEER
 from test_memory import brute_force_lookup
-from test_train import config_for, read_log
+from conftest import config_for, read_log
 from train import train
 
 TINY = dict(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32)

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import ROOT
 from model import GPT, GPTConfig
-from sizing import costs, dense_baseline, main, moe_baseline
-from train import MODEL_KEYS, load_config
+from config import gpt_config, load_config
+from sizing import bytes_per_rank, costs, dense_baseline, main, moe_baseline
 
 MEMORY = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32, memory_layers=(1,), mem_n_keys=64,
                    mem_heads=2, mem_knn=4)
@@ -40,7 +40,7 @@ def test_moe_baseline_has_the_fewest_experts_that_outnumber_the_memory_models_pa
 
 def shipped(name):
     config = load_config([os.path.join(ROOT, "configs", name)])
-    return GPTConfig(vocab_size=65, **{k: config[k] for k in MODEL_KEYS})
+    return gpt_config(config, 65)
 
 
 def test_shakespeare_moe_and_peer_configs_match_memory_plus():
@@ -59,3 +59,13 @@ def test_command_line_prints_costs_and_baseline_overrides(capsys):
     assert [line.split()[0] for line in lines] == ["shakespeare_char_memplus.py", "dense", "dense", "dense", "moe"]
     assert "--memory_layers=()" in lines[2] and "--n_embd=" in lines[2]
     assert "'--moe_layers=(0, 1, 2, 3, 4, 5)'" in lines[4]
+
+
+def test_bytes_per_rank_splits_the_tables_only():
+    config = GPTConfig(vocab_size=65, n_layer=2, n_head=2, n_embd=32, memory_layers=(0, 1), mem_n_keys=8,
+                       mem_knn=4)
+    whole = GPT(config).param_counts()["total"]
+    for m in (1, 2, 4):
+        held = bytes_per_rank(config, m)
+        assert held["table"] == 64 * 32 // m and held["replicated"] == whole - 64 * 32
+        assert held["AdamW"] == 8 * (held["table"] + held["replicated"]) and held["DDP buckets"] == 4 * held["replicated"]

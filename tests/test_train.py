@@ -7,27 +7,14 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT
-from train import load_config, train
-
-TINY = dict(dataset="tiny", n_layer=2, n_head=2, n_embd=32, block_size=32, batch_size=8, eval_iters=2,
-            learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, device="cpu", mem_n_keys=8, mem_knn=4, mem_heads=2)
-
-
-def config_for(data_dir, out_dir, **changes):
-    config = load_config([])
-    config.update(TINY, data_dir=data_dir, out_dir=str(out_dir), **changes)
-    return config
-
-
-def read_log(out_dir, event):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [e for e in map(json.loads, f) if e["event"] == event]
+from config import gpt_config, load_config
+from conftest import ROOT, config_for, read_log, run
+from train import train
 
 
 @pytest.mark.parametrize("memory_layers", [(), (1,)])
 def test_tiny_model_drives_the_loss_down(char_data_dir, tmp_path, memory_layers):
-    config = config_for(char_data_dir, tmp_path, max_iters=60, eval_interval=60, log_interval=60,
+    config = config_for(char_data_dir, tmp_path, max_iters=120, eval_interval=120, log_interval=120,
                         memory_layers=memory_layers)
     train(config)
     evals = read_log(tmp_path, "eval")
@@ -66,11 +53,6 @@ def test_sparse_updates_leave_unread_rows_alone(char_data_dir, tmp_path):
     assert (steps == 0).any() and (steps > 0).any()
     assert torch.equal(trained[steps == 0], initial[steps == 0])
     assert not torch.equal(trained[steps > 0], initial[steps > 0])
-
-
-def run(script, *args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
 
 
 def test_sample_generates_from_a_checkpoint(char_data_dir, tmp_path):
@@ -131,9 +113,8 @@ def test_config_files_and_overrides_apply_in_order(config_file):
 
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs"))))
 def test_shipped_configs_load_and_build(name):
-    from model import GPT, GPTConfig
-    from train import MODEL_KEYS
+    from model import GPT
     config = load_config([os.path.join(ROOT, "configs", name)])
-    model_config = GPTConfig(vocab_size=65, **{k: config[k] for k in MODEL_KEYS})
+    model_config = gpt_config(config, 65)
     if model_config.n_embd <= 256:  # CPU configs: build them for real
         GPT(model_config)

@@ -1,0 +1,194 @@
+"""Training settings: the keys and their defaults, config files and --key=value overrides, device and dtype.
+
+A config file is Python that assigns keys; config files apply in the order given, then the command
+line's --key=value overrides (which always win, wherever they stand). Every key is a field of TrainConfig
+below or of model.GPTConfig; its comment there is its help text (`python train.py --help` prints them).
+"""
+import ast
+import difflib
+import inspect
+import re
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from errors import ConfigError
+from model import GPTConfig
+
+
+@dataclass
+class TrainConfig:
+    # data and output
+    dataset: str = "shakespeare"  # folder under data_dir made by prepare_data.py
+    data_dir: str = "data"  # where datasets live
+    out_dir: str = "out"  # checkpoints and log.jsonl of this run
+    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    # loop
+    max_iters: int = 2000  # optimizer steps in all
+    eval_interval: int = 250  # iterations between evals (and checkpoints)
+    eval_iters: int = 20  # batches per split at each eval
+    facts_eval_size: int = 500  # question/answer pairs of each kind scored at each eval when the dataset has them
+    log_interval: int = 10  # iterations between train log lines
+    batch_size: int = 16  # sequences per micro-step (per rank under torchrun)
+    gradient_accumulation_steps: int = 1  # micro-steps per optimizer step
+    # AdamW and schedule: linear warmup, cosine decay to min_lr at lr_decay_iters (0: max_iters)
+    learning_rate: float = 1e-3  # peak learning rate of every weight but the value tables
+    min_lr: float = 1e-4  # learning rate at the end of the decay
+    warmup_iters: int = 100  # iterations of linear warmup
+    lr_decay_iters: int = 0  # iteration where the cosine decay ends (0: max_iters)
+    weight_decay: float = 0.1  # AdamW's decoupled weight decay (not on biases and norm gains)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
+    mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
+    mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
+    mem_sparse_update: bool = False  # value tables: touched-row gradients and RowAdamW instead of dense AdamW
+    nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (weights untouched) or 'skip' the step
+    # system
+    device: str = "auto"  # 'auto': cuda, then mps, then cpu
+    dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
+    compile: bool = False  # torch.compile the model
+    seed: int = 1337  # weights' initialisation and the order of batches
+    mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
+
+
+MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
+CHOICES = {"init_from": ("scratch", "resume"), "nonfinite": ("stop", "skip"),
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
+
+
+def default_config():
+    config = asdict(TrainConfig())
+    config.update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS})
+    return config
+
+
+def gpt_config(config, vocab_size):
+    """The GPTConfig of a train config, for a vocabulary of vocab_size."""
+    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+
+
+def coerce(key, value, default):
+    """value converted to the type of key's default, or a ConfigError naming the key."""
+    expected = type(default)
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is tuple and isinstance(value, (list, tuple)):
+        value = tuple(value)
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+    elif isinstance(value, expected) and (expected is bool or not isinstance(value, bool)):
+        return value
+    want = "a tuple of ints" if expected is tuple else expected.__name__
+    raise ConfigError(f"config key '{key}' expects {want}, got {value!r}")
+
+
+def set_key(config, key, value, where):
+    if key not in config:
+        close = difflib.get_close_matches(key, config, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise ConfigError(f"{where}: unknown config key '{key}'{hint}")
+    config[key] = coerce(key, value, config[key])
+
+
+def read_config_file(path):
+    """The keys a config file assigns, or a one-line ConfigError naming the file."""
+    try:
+        with open(path) as f:
+            source = f.read()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    namespace = {}
+    try:
+        exec(compile(source, path, "exec"), namespace)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}")
+    except Exception as e:
+        raise ConfigError(f"config file {path} fails to run ({type(e).__name__}: {e})")
+    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+
+
+def parse_override(arg):
+    """--key=value -> (key, value): a Python literal, else the bare string (--dataset=shakespeare)."""
+    key, sep, text = arg[2:].partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {arg!r} must look like --key=value")
+    try:
+        return key, ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return key, text
+
+
+def load_config(argv):
+    """Defaults, then the config files of argv in order, then its --key=value overrides in order."""
+    config = default_config()
+    for path in [a for a in argv if not a.startswith("--")]:
+        for key, value in read_config_file(path).items():
+            set_key(config, key, value, path)
+    for arg in [a for a in argv if a.startswith("--")]:
+        set_key(config, *parse_override(arg), "command line")
+    for key, allowed in CHOICES.items():
+        if config[key] not in allowed:
+            raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
+    return config
+
+
+def pick_device(name):
+    """The torch.device for a device setting; a one-line error when its backend is missing here."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={name!r} but this torch sees no CUDA device: use device='auto' or 'cpu' (or "
+                          "install a CUDA build of torch)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA devices")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device={name!r} but MPS is not available here: use device='auto' or 'cpu'")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    return device
+
+
+def pick_dtype(name, device):
+    if name == "auto":
+        bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return torch.bfloat16 if bf16 else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def key_help():
+    """(section, key, default, meaning) of every key, from the comments beside the config dataclasses' fields."""
+    rows = []
+    for cls in (TrainConfig, GPTConfig):
+        section = cls.__name__
+        defaults = {f.name: f.default for f in fields(cls)}
+        for line in inspect.getsource(cls).splitlines():
+            heading = re.match(r"\s+# (.*)", line)
+            field = re.match(r"\s+(\w+): \w+ = .*?(?:  # (.*))?$", line)
+            if heading:
+                section = heading.group(1)
+            elif field and field.group(1) in defaults and field.group(1) != "vocab_size":
+                rows.append((section, field.group(1), defaults[field.group(1)], field.group(2) or ""))
+    return rows
+
+
+def usage():
+    """`python train.py --help`: usage, config-file syntax and every key with its default and meaning."""
+    lines = ["usage: python train.py [CONFIG.py ...] [--key=value ...]",
+             "       torchrun --standalone --nproc_per_node=N train.py CONFIG.py [--mem_parallel=M ...]", "",
+             "A config file is Python that assigns keys (dataset = 'shakespeare_char', memory_layers = (1, 3, 5)).",
+             "Config files apply in order, then every --key=value override (a Python literal or a bare string).",
+             "Outputs: OUT_DIR/ckpt.pt, OUT_DIR/ckpt.prev.pt and OUT_DIR/log.jsonl.", ""]
+    section = None
+    for where, key, default, meaning in key_help():
+        if where != section:
+            section = where
+            lines += ["", f"{section}:"]
+        lines.append(f"  {key:<28} {default!r:<14} {meaning}")
+    return "\n".join(lines)

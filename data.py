@@ -1,0 +1,124 @@
+"""Reading datasets: tokenizers rebuilt from meta.json, token files (one per split or in shards), batches.
+
+prepare_data.py writes what this module reads: DATA_DIR/NAME/train.bin and val.bin (uint16 ids, or
+numbered shards train_000000.bin, ...) and meta.json, which holds what is needed to decode.
+"""
+import glob
+import json
+import os
+
+import numpy as np
+import torch
+
+from errors import DataError
+
+
+def gpt2_encoding():
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:  # tiktoken downloads its BPE files on first use
+        raise DataError("cannot load the GPT-2 tokenizer: tiktoken downloads it once from the internet, "
+                        f"or set TIKTOKEN_CACHE_DIR to a folder that holds its files ({type(e).__name__}: {e})")
+
+
+class Tokenizer:
+    """Encode/decode for the three tokenizers (char, gpt2, compact), rebuilt from meta.json."""
+
+    def __init__(self, meta):
+        self.kind = meta["tokenizer"]
+        self.vocab_size = meta["vocab_size"]
+        if self.kind == "char":
+            self.chars = meta["chars"]
+            self.char_to_id = {c: i for i, c in enumerate(self.chars)}
+        else:
+            self.bpe = gpt2_encoding()
+            self.compact_ids = meta.get("compact_ids")
+            if self.kind == "compact":
+                self.gpt2_to_id = {g: i for i, g in enumerate(self.compact_ids)}
+
+    def encode(self, text):
+        if self.kind == "char":
+            missing = sorted(set(text) - self.char_to_id.keys())
+            if missing:
+                raise ValueError(f"characters {missing!r} are not in this dataset's vocabulary")
+            return [self.char_to_id[c] for c in text]
+        ids = self.bpe.encode_ordinary(text)
+        if self.kind == "gpt2":
+            return ids
+        missing = [self.bpe.decode([g]) for g in ids if g not in self.gpt2_to_id]
+        if missing:
+            raise ValueError(f"tokens {missing[:5]!r} never occur in this dataset, so its compact vocabulary "
+                             "cannot encode them")
+        return [self.gpt2_to_id[g] for g in ids]
+
+    def decode(self, ids):
+        if self.kind == "char":
+            return "".join(self.chars[i] for i in ids)
+        if self.kind == "compact":
+            ids = [self.compact_ids[i] for i in ids]
+        return self.bpe.decode(ids)
+
+
+class Tokens:
+    """A split's uint16 token ids, stored in one file or in numbered shards, read as one sequence."""
+
+    def __init__(self, paths):
+        self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
+        self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in paths]
+        self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # of each shard, then the end
+
+    def __len__(self):
+        return int(self.starts[-1])
+
+    def read(self, start, length):
+        """The ids at start..start+length-1, across shard boundaries."""
+        parts, shard = [], int(np.searchsorted(self.starts, start, side="right")) - 1
+        while length > 0:
+            part = self.shards[shard][start - self.starts[shard]:start - self.starts[shard] + length]
+            parts.append(part)
+            start, length, shard = start + len(part), length - len(part), shard + 1
+        return np.concatenate(parts)
+
+
+def load_dataset(data_dir, dataset, block_size):
+    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset."""
+    folder = os.path.join(data_dir, dataset)
+    files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
+             else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
+    missing = [f"{s}.bin" for s, paths in files.items() if not paths]
+    if not os.path.exists(os.path.join(folder, "meta.json")):
+        missing.append("meta.json")
+    if missing:
+        raise DataError(f"dataset '{dataset}' not found ({folder} lacks {', '.join(missing)}): make it "
+                        f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
+                        f"--name {dataset}`")
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    splits = {s: Tokens(paths) for s, paths in files.items()}
+    for split, data in splits.items():
+        if len(data) <= block_size:
+            raise DataError(f"block_size={block_size} needs more than {len(data)} tokens, "
+                            f"the size of {data.name}: lower block_size")
+    return splits, meta
+
+
+def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=0, world=1):
+    """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64.
+
+    With world ranks the generator draws world*batch_size windows and rank takes its batch_size of them,
+    so the ranks together see exactly the batch that one process with world*batch_size would.
+    """
+    starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
+    starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
+    windows = torch.from_numpy(np.stack([data.read(s, block_size + 1) for s in starts]).astype(np.int64))
+    if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
+        raise DataError(f"{data.name} holds token id {int(windows.max())}, beyond the vocabulary of "
+                        f"{vocab_size} in its meta.json: prepare the dataset again")
+    windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
+    return windows[:, :-1], windows[:, 1:]
+
+
+def batch_generator(seed, step):
+    """The batches of a step depend only on (seed, step): runs resume on the same data order."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
