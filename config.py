@@ -22,7 +22,8 @@ class TrainConfig:
     dataset: str = "shakespeare"  # folder under data_dir made by prepare_data.py
     data_dir: str = "data"  # where datasets live
     out_dir: str = "out"  # checkpoints and log.jsonl of this run
-    init_from: str = "scratch"  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+    init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or another run's out_dir (its weights only)
+    eval_only: bool = False  # evaluate the checkpoint init_from names (losses, fact scores) and stop
     # loop
     max_iters: int = 2000  # optimizer steps in all
     eval_interval: int = 250  # iterations between evals (and checkpoints)
@@ -53,7 +54,7 @@ class TrainConfig:
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
-CHOICES = {"init_from": ("scratch", "resume"), "nonfinite": ("stop", "skip"),
+CHOICES = {"nonfinite": ("stop", "skip"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 

@@ -29,6 +29,7 @@ import facts
 from data import Tokenizer, gpt2_encoding
 from errors import UserError
 
+SHIPPED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 TOKENIZERS = ("compact", "gpt2", "char")
@@ -93,9 +94,12 @@ def read_text(paths):
 
 
 def shakespeare_text(input_path, data_dir):
-    """The tinyshakespeare corpus: from --input, else downloaded once (as nanoGPT does) into data_dir."""
+    """The tinyshakespeare corpus: from --input, else the repository's copy (corpora/), else downloaded once
+    (as nanoGPT does) into data_dir."""
     if input_path:
         return read_text([input_path]), input_path
+    if os.path.exists(SHIPPED_SHAKESPEARE):
+        return read_text([SHIPPED_SHAKESPEARE]), "corpora/tinyshakespeare.txt"
     cached = os.path.join(data_dir, "tinyshakespeare.txt")
     if not os.path.exists(cached):
         print(f"downloading {SHAKESPEARE_URL}")
@@ -222,7 +226,7 @@ def main(argv=None):
         p.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
         p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
         if corpus == "shakespeare":
-            p.add_argument("--input", help="local tinyshakespeare file (default: download it)")
+            p.add_argument("--input", help="another copy of the corpus (default: corpora/tinyshakespeare.txt)")
             p.add_argument("--name", help="dataset name (default: shakespeare, or shakespeare_<tokenizer> "
                                           "for the gpt2 and char tokenizers)")
         elif corpus == "text":

@@ -94,7 +94,75 @@ class Logger:
         if message:
             print(message, flush=True)
         with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, **fields}) + "\n")
+            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+
+
+def duration(seconds):
+    """3m40s, 1h05m, 12s: an ETA a person reads at a glance."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def evaluate(model, step_model, splits, config, device, autocast, par, facts_sample, iter_num):
+    """Losses on both splits (through step_model, the wrapped model), the value tables' usage and fact
+    scores: (console line, log fields)."""
+    t0 = time.time()
+    fields = estimate_loss(step_model, splits, config, device, autocast, model.config.vocab_size, par, model.values)
+    message = f"train loss {fields['train']:.4f}, val loss {fields['val']:.4f}"
+    message += "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
+                       zip(fields.get("mem_read_fraction", []), fields.get("mem_kl_uniform", [])))
+    if facts_sample:
+        with autocast:
+            fields.update(score_facts(model, facts_sample, device))
+        message += describe_scores(fields)
+    seconds = time.time() - t0
+    fields = {"iter": iter_num, "train_loss": fields.pop("train"), "val_loss": fields.pop("val"), **fields,
+              "eval_s": seconds}
+    return f"iter {iter_num}/{config['max_iters']} eval ({seconds:.1f} s): {message}", fields
+
+
+def run_details(config, device, dtype, world):
+    """What the start event records besides sizes: the resolved config, versions, device and command line."""
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    return {"config": config, "torch": torch.__version__, "triton": triton_version,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
+            "dtype": str(dtype).removeprefix("torch."), "command": [sys.executable, *sys.argv], "world": world}
+
+
+def starting_point(config, model_config, meta):
+    """The checkpoint init_from names, and whether training continues it (optimizer, iteration, RNG).
+
+    'scratch': (None, None, False). 'resume': out_dir's latest checkpoint, continued. Another run's out_dir:
+    its latest checkpoint's weights only, for finetuning with a new optimizer, schedule and data.
+    """
+    if config["init_from"] == "scratch":
+        if config["eval_only"]:
+            raise ConfigError("eval_only=True evaluates a checkpoint: set init_from='resume' (out_dir's) or "
+                              "init_from=<another run's out_dir>")
+        return None, None, False
+    resume = config["init_from"] == "resume"
+    folder = config["out_dir"] if resume else config["init_from"]
+    if not resume and not os.path.isdir(folder):
+        raise ConfigError(f"init_from={folder!r} is not a folder: use 'scratch', 'resume' or another run's out_dir")
+    checkpoint, source = load_latest(os.path.join(folder, "ckpt.pt"))
+    old_meta = checkpoint.get("meta", {})
+    if any(old_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids")):
+        raise ConfigError(f"{source} was trained on a {old_meta.get('tokenizer')} vocabulary of "
+                          f"{old_meta.get('vocab_size')} ids ({old_meta.get('name')}) but dataset "
+                          f"'{config['dataset']}' has a {meta.get('tokenizer')} vocabulary of {meta.get('vocab_size')}: "
+                          "prepare the new data with the checkpoint's tokenizer")
+    now = asdict(model_config)
+    differ = [f"{k}={v!r} in the checkpoint but {now.get(k)!r} now"
+              for k, v in checkpoint["model_config"].items() if now.get(k) != v]
+    if differ:
+        raise ConfigError(f"config contradicts {source}: {'; '.join(differ)}")
+    return checkpoint, source, resume
 
 
 class StopRequest:
@@ -148,14 +216,7 @@ def train(config):
         raise ConfigError("dtype='float16' skips steps on overflow rank by rank, so ranks would drift apart: "
                           "use 'bfloat16' or 'float32' with several processes")
 
-    checkpoint = None
-    if config["init_from"] == "resume":
-        checkpoint, ckpt_source = load_latest(ckpt_path)
-        now = asdict(model_config)
-        differ = [f"{k}={v!r} in the checkpoint but {now.get(k)!r} now"
-                  for k, v in checkpoint["model_config"].items() if now.get(k) != v]
-        if differ:
-            raise ConfigError(f"config contradicts {ckpt_source}: {'; '.join(differ)}")
+    checkpoint, ckpt_source, resume = starting_point(config, model_config, meta)
     with torch.device(device):  # every weight initialised once, where it lives
         model = GPT(model_config, value_table=par.value_table)
     if checkpoint:
@@ -165,7 +226,7 @@ def train(config):
     optimizers = make_optimizers(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
-    if checkpoint:
+    if resume:
         if set(optimizers) != {name for name in ("optimizer", "value_optimizer") if name in checkpoint}:
             raise ConfigError(f"{ckpt_source} was trained with mem_sparse_update={not config['mem_sparse_update']}: "
                               "resume with the same setting")
@@ -183,23 +244,29 @@ def train(config):
     step_model = torch.compile(wrapped) if config["compile"] else wrapped
 
     log = Logger(config["out_dir"]) if par.is_main else lambda *args, **fields: None
+    if config["eval_only"]:
+        message, fields = evaluate(model, step_model, splits, config, device, autocast, par, facts_sample,
+                                   start_iter)
+        log("eval", f"{ckpt_source}: {message}", checkpoint=ckpt_source, **fields)
+        return model
     counts = model.param_counts()
     tokens_per_iter = par.world * config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
     ranks = f", {par.world} ranks, tables split over groups of {par.mem_parallel}" if par.world > 1 else ""
+    origin = f"from iter {start_iter}" if resume else (f"weights of {ckpt_source}" if ckpt_source else "from scratch")
     log("start", f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
                  f"{model.flops_per_token():,} forward FLOPs per token, {tokens_per_iter:,} tokens per iter, "
-                 f"{device.type} {str(dtype).removeprefix('torch.')}{ranks}, from iter {start_iter}",
+                 f"{device.type} {str(dtype).removeprefix('torch.')}{ranks}, {origin}",
         iter=start_iter, params=counts["total"], active_params=counts["active"],
         flops_per_token=model.flops_per_token(), tokens_per_iter=tokens_per_iter, device=device.type,
-        world=par.world, mem_parallel=par.mem_parallel)
+        mem_parallel=par.mem_parallel, init_from=ckpt_source, **run_details(config, device, dtype, par.world))
 
-    def save(iter_num):
+    def save(iter_num, val_loss=None):
         """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
         state = {"model": par.full_model_state(model),
                  **{name: par.full_optimizer_state(optimizer, model) for name, optimizer in optimizers.items()}}
         if par.is_main:
             save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
-                             "iter_num": iter_num, "rng_state": torch.get_rng_state()}, ckpt_path)
+                             "iter_num": iter_num, "val_loss": val_loss, "rng_state": torch.get_rng_state()}, ckpt_path)
 
     stop = StopRequest()
     try:
@@ -210,19 +277,11 @@ def train(config):
                 for g in optimizer.param_groups:
                     g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
-                losses = estimate_loss(step_model, splits, config, device, autocast, model_config.vocab_size, par,
-                                       model.values)
-                message = f"iter {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}"
-                message += "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
-                                   zip(losses.get("mem_read_fraction", []), losses.get("mem_kl_uniform", [])))
-                if facts_sample:
-                    with autocast:
-                        losses.update(score_facts(model, facts_sample, device))
-                    message += describe_scores(losses)
-                log("eval", message, iter=iter_num, train_loss=losses.pop("train"), val_loss=losses.pop("val"),
-                    **losses)
-                if iter_num > start_iter or config["init_from"] == "scratch":
-                    save(iter_num)
+                message, fields = evaluate(model, step_model, splits, config, device, autocast, par,
+                                           facts_sample, iter_num)
+                log("eval", message, **fields)
+                if iter_num > start_iter or not resume:
+                    save(iter_num, fields["val_loss"])
                 t0, timed_iters = time.time(), 0  # time training steps only
             if iter_num >= config["max_iters"]:
                 break
@@ -265,9 +324,11 @@ def train(config):
                 loss_value = float(loss_sum)  # a host sync, only when logging
                 dt = (time.time() - t0) / timed_iters
                 t0, timed_iters = time.time(), 0
-                log("train", f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.0f} ms/iter, "
-                             f"{tokens_per_iter / dt:,.0f} tokens/s",
-                    iter=iter_num, loss=loss_value, lr=config["learning_rate"] * factor,
+                lr = config["learning_rate"] * factor
+                log("train", f"iter {iter_num}/{config['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                             f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt / 1e3:,.1f}k tok/s | "
+                             f"ETA {duration(dt * (config['max_iters'] - iter_num))}",
+                    iter=iter_num, loss=loss_value, lr=lr,
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
                     tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
                     **model.routing_stats())

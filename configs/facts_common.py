@@ -4,7 +4,6 @@
 # All of them, with the results table: python facts.py compare
 dataset = "facts"
 out_dir = "out/facts"
-device = "cpu"
 # base model: 6 layers of width 64; the compact BPE vocabulary of the knowledge base has about 525 ids
 n_layer = 6
 n_head = 4

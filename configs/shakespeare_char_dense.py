@@ -16,4 +16,3 @@ log_interval = 50
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
-device = "cpu"

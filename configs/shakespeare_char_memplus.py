@@ -16,7 +16,6 @@ log_interval = 50
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
-device = "cpu"
 memory_layers = (1, 3, 5)
 mem_n_keys = 256
 mem_heads = 4

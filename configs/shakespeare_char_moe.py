@@ -17,7 +17,6 @@ log_interval = 50
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
-device = "cpu"
 moe_layers = (0, 1, 2, 3, 4, 5)
 moe_num_experts = 11
 moe_top_k = 1

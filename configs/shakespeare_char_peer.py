@@ -17,7 +17,6 @@ log_interval = 50
 learning_rate = 2e-3
 min_lr = 2e-4
 warmup_iters = 100
-device = "cpu"
 peer_layers = (1, 3, 5)
 peer_n_keys = 128
 peer_heads = 8

@@ -13,8 +13,19 @@ sys.path.insert(0, ROOT)
 # imports them, so the Triton kernels run on CPU tensors (tests/test_kernels.py). CPU tensors take the
 # PyTorch path everywhere else, so nothing else changes.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+if os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):  # an optional offline cache of the GPT-2 BPE files
     os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache"))
+
+
+@pytest.fixture(scope="session")
+def gpt2_bpe():
+    """tiktoken's GPT-2 encoding (from its cache, or downloaded once); tests that need it are skipped, with
+    the reason, where it cannot be had (offline with no cache)."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        pytest.skip(f"GPT-2 BPE files unavailable (offline and not in tiktoken's cache: {type(e).__name__})")
 
 @pytest.fixture(scope="session")
 def corpus_text():

@@ -11,6 +11,11 @@ import prepare_data
 from data import get_batch, load_dataset
 
 
+@pytest.fixture(autouse=True)
+def needs_gpt2_bpe(gpt2_bpe):
+    """Every dataset here is GPT-2 ids."""
+
+
 @pytest.fixture
 def documents(corpus_text):
     return [d for d in corpus_text[:30_000].split("\n\n") if d.strip()]

@@ -51,7 +51,9 @@ def test_every_eval_answer_is_a_fact_of_the_training_text():
 
 
 @pytest.mark.parametrize("kind", ["compact", "char"])
-def test_prepared_files_decode_to_the_knowledge_text(tmp_path, kind):
+def test_prepared_files_decode_to_the_knowledge_text(tmp_path, kind, request):
+    if kind == "compact":
+        request.getfixturevalue("gpt2_bpe")
     meta = write_facts(30, 5, list(facts.ATTRIBUTES), kind, "kb", str(tmp_path))
     tokenizer = Tokenizer(meta)
     train, val = facts.knowledge_text(facts.make_facts(30, 5), 5)
@@ -154,7 +156,7 @@ def test_scores_equal_greedy_generation_and_unbatched_nll_of_a_real_model():
 
 
 @pytest.fixture(scope="module")
-def facts_data_dir(tmp_path_factory):
+def facts_data_dir(tmp_path_factory, gpt2_bpe):
     data_dir = tmp_path_factory.mktemp("facts_data")
     write_facts(40, 0, list(facts.ATTRIBUTES), "compact", "facts", str(data_dir))
     return str(data_dir)

@@ -118,3 +118,62 @@ def test_shipped_configs_load_and_build(name):
     model_config = gpt_config(config, 65)
     if model_config.n_embd <= 256:  # CPU configs: build them for real
         GPT(model_config)
+
+
+def test_help_lists_every_key_with_its_default_and_meaning():
+    from config import default_config
+    result = run("train.py", "--help")
+    assert result.returncode == 0 and result.stderr == ""
+    lines = {line.split()[0]: line for line in result.stdout.splitlines() if line.startswith("  ")}
+    for key, default in default_config().items():
+        assert key in lines, key
+        assert repr(default) in lines[key] and len(lines[key].split(repr(default), 1)[1].strip()) > 5, lines[key]
+
+
+def test_every_event_has_a_time_and_the_start_event_says_how_the_run_was_made(char_data_dir, tmp_path):
+    import time
+    before = time.time()
+    train(config_for(char_data_dir, tmp_path, max_iters=2, eval_interval=2, log_interval=1))
+    with open(tmp_path / "log.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    assert all(before <= e["time"] <= time.time() for e in events)
+    start = events[0]
+    assert start["event"] == "start" and start["config"]["n_embd"] == 32 and start["torch"] == torch.__version__
+    assert start["dtype"] == "float32" and start["device"] == "cpu" and start["command"]
+    assert all("eval_s" in e for e in events if e["event"] == "eval")
+
+
+def test_init_from_another_run_takes_its_weights_only(char_data_dir, tmp_path):
+    """Finetuning: the new run starts from the other run's weights (its first eval is the other's last) with
+    a fresh optimizer and schedule (iteration 0), and writes only its own out_dir."""
+    common = dict(memory_layers=(1,), eval_interval=4, log_interval=1)
+    train(config_for(char_data_dir, tmp_path / "base", max_iters=8, **common))
+    before = (tmp_path / "base" / "ckpt.pt").read_bytes()
+    train(config_for(char_data_dir, tmp_path / "tuned", max_iters=4, init_from=str(tmp_path / "base"), **common))
+    base_last, tuned_first = read_log(tmp_path / "base", "eval")[-1], read_log(tmp_path / "tuned", "eval")[0]
+    assert tuned_first["iter"] == 0 and tuned_first["val_loss"] == pytest.approx(base_last["val_loss"], abs=1e-6)
+    assert read_log(tmp_path / "tuned", "train")[0]["lr"] < 3e-3 / 5  # warmup again: a new schedule
+    assert (tmp_path / "base" / "ckpt.pt").read_bytes() == before
+    tuned = torch.load(tmp_path / "tuned" / "ckpt.pt", weights_only=True)
+    assert tuned["iter_num"] == 4 and tuned["val_loss"] == read_log(tmp_path / "tuned", "eval")[-1]["val_loss"]
+
+
+def test_init_from_a_run_with_another_vocabulary_is_refused(char_data_dir, tmp_path):
+    from prepare_data import write_dataset
+    train(config_for(char_data_dir, tmp_path / "base", max_iters=0))
+    write_dataset("abc abc cab " * 200, "tiny", "char", str(tmp_path / "other_data"))
+    from errors import ConfigError
+    with pytest.raises(ConfigError, match=r"char vocabulary of \d+ ids .* but dataset 'tiny' has a char vocabulary of 4"):
+        train(config_for(str(tmp_path / "other_data"), tmp_path / "tuned", init_from=str(tmp_path / "base")))
+
+
+def test_eval_only_scores_a_checkpoint_and_writes_nothing_else(char_data_dir, tmp_path):
+    train(config_for(char_data_dir, tmp_path, max_iters=3, eval_interval=3))
+    written = (tmp_path / "ckpt.pt").read_bytes()
+    last = read_log(tmp_path, "eval")[-1]
+    train(config_for(char_data_dir, tmp_path, init_from="resume", eval_only=True))
+    again = read_log(tmp_path, "eval")[-1]
+    assert again["iter"] == 3 and again["val_loss"] == pytest.approx(last["val_loss"], abs=1e-6)
+    assert again["checkpoint"].endswith("ckpt.pt") and (tmp_path / "ckpt.pt").read_bytes() == written
+    result = run("train.py", f"--data_dir={char_data_dir}", "--dataset=tiny", f"--out_dir={tmp_path}", "--eval_only=True")
+    assert result.returncode == 1 and "eval_only=True evaluates a checkpoint" in result.stderr
