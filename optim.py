@@ -6,6 +6,8 @@ step: each row keeps its own moments and its own step count, and is bias-correct
 row behaves exactly as if dense AdamW ran on it alone over the steps that touched it. Untouched rows and
 their moments stay as they were (dense AdamW would keep moving them along their decaying momentum).
 Weight decay is decoupled and lazy: a row is decayed by lr * weight_decay when it is updated.
+The per-row counts are kept under the state key "step", which torch's load_state_dict leaves on the device it
+was saved from (it moves only "step"s of fused or capturable optimizers): RowAdamW moves them after loading.
 
 The per-row update gathers, updates and scatters three (rows, v_dim) tensors; torch.compile fuses that
 into one pass over the touched rows (4-5x faster than eager on CPU), so it is compiled by default.
@@ -38,6 +40,7 @@ class RowAdamW(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0, compile=True):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.update = torch.compile(adamw_rows, dynamic=True) if compile else adamw_rows
+        self.register_load_state_dict_post_hook(_state_to_param_devices)
 
     @torch.no_grad()
     def step(self):
@@ -66,6 +69,13 @@ class RowAdamW(torch.optim.Optimizer):
                     warnings.warn(f"RowAdamW: torch.compile failed ({type(e).__name__}), updating rows eagerly")
                     self.update = adamw_rows
                     self.update(*args)
+
+
+def _state_to_param_devices(optimizer):
+    """Every state tensor on its parameter's device (a resumed run's per-row step counts included)."""
+    for p, state in optimizer.state.items():
+        for key, value in state.items():
+            state[key] = value.to(p.device)
 
 
 def clip_grad_norm_(params, max_norm, group=None):

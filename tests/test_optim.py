@@ -66,3 +66,18 @@ def test_clipping_touched_rows_equals_clipping_the_dense_gradient():
     b.grad = None
     assert clip_grad_norm_([a, b], max_norm=1.0) < 1.0  # below the limit: unchanged
     torch.testing.assert_close(a.grad.to_dense()[2], torch.full((3,), 0.1))
+
+
+def test_loaded_state_follows_the_parameter_to_its_device():
+    """load_state_dict moves state to the parameter's device, except a key named "step" unless told (torch
+    keeps step counts where they were): RowAdamW's per-row counts must move too. `meta` stands in for a GPU."""
+    table = torch.nn.Parameter(torch.randn(6, 3))
+    optimizer = RowAdamW([table], compile=False)
+    table.grad = sparse_rows([1, 4], torch.randn(2, 3), (6, 3))
+    optimizer.step()
+    elsewhere = torch.nn.Parameter(torch.empty(6, 3, device="meta"))
+    resumed = RowAdamW([elsewhere], compile=False)
+    resumed.load_state_dict(optimizer.state_dict())
+    state = resumed.state[elsewhere]
+    assert set(state) == {"exp_avg", "exp_avg_sq", "step"}
+    assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in state.values())
