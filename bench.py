@@ -17,6 +17,13 @@ train: a whole training step (forward, backward, clipping, optimizer) of a confi
 timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row updates (RowAdamW), and
 optionally torch.compile; a fresh train.py process per measurement.
 
+gpu: the one command to run on the first GPU at hand (`python bench.py gpu`, meant to take under 8 minutes
+on an H100): the card's copy bandwidth; the kernels at the paper's shapes in bf16 and fp32 against it and
+against F.embedding_bag; the memory layer at GPT-2-small width against the dense FFN (bf16 autocast); 30
+training steps of configs/gpt2_small_memplus.py with torch.compile on random tokens (tokens/s, MFU, peak
+memory), with dense and with sparse value updates. One markdown table, printed and written to --out.
+`--device=cpu` runs the same code at tiny shapes, a smoke test.
+
 facts: the factual-recall comparison (`python bench.py facts --help`): every configs/facts_<model>.py
 (on top of configs/facts_common.py, which holds the data and the one training budget) trained in its own
 out_dir, then a markdown table (and a plot when matplotlib is installed) of fact accuracy and answer NLL
@@ -25,6 +32,7 @@ against FLOPs and parameters, in OUT/results.md.
 Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
@@ -186,9 +194,9 @@ def run_kernels(args):
     print("fwd x / bwd x: speedup over F.embedding_bag at the same shape")
 
 
-def layer_step(kind, dim, tokens, num_values, device, reps):
+def layer_step(kind, dim, tokens, num_values, device, reps, dtype=None):
     """Best ms of one forward+backward of a memory layer ("memory", "memory-sparse") or of the dense FFN,
-    and the process's peak memory in MB (run in a fresh process)."""
+    and the process's peak memory in MB (run in a fresh process); dtype: under that autocast."""
     from memory import ProductKeyMemory, ValueTable
     from model import SwiGLU, GPTConfig
     torch.manual_seed(0)
@@ -201,11 +209,14 @@ def layer_step(kind, dim, tokens, num_values, device, reps):
         values = ValueTable(n_keys ** 2, dim).to(device)
         values.sparse_grad = kind == "memory-sparse"
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
     def step(_):
         for p in list(layer.parameters()) + ([values.weight] if values else []):
             p.grad = None
-        layer(x, values).square().mean().backward()
+        with autocast:
+            out = layer(x, values)
+        out.float().square().mean().backward()
     ms = best_ms(step, device, reps)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
             __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024) / 2**20
@@ -290,6 +301,86 @@ def run_train(args):
     for r in rows:
         print(f"{r['values']:>10,}  {r['update']:<24}{r['ms']:>9.1f}{r['tokens_per_s']:>11,.0f}{r['peak_mb']:>10,.0f}"
               f"{r['over_smallest']:>14.2f}")
+
+
+# ---- gpu: the prepared command for a GPU --------------------------------------------------------------
+PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "L40S": 362, "A10": 125}  # dense
+GPU_KERNEL_SHAPES = ("paper-4k", "paper-32k", "official")
+TINY = {"kernel": (64, 8, 1024, 40), "layer": (32, 64, 1024),  # CPU smoke run: tokens x bag x N x dim; dim, tokens, N
+        "train": ["--n_layer=2", "--n_head=2", "--n_embd=64", "--block_size=32", "--batch_size=2",
+                  "--gradient_accumulation_steps=1", "--memory_layers=(1,)", "--mem_n_keys=32", "--mem_k_dim=32",
+                  "--mem_v_dim=64", "--compile=False"]}
+
+
+def random_dataset(data_dir, tokens, vocab_size=50257):
+    """data_dir/random: uniform random GPT-2 ids, for timing training without a corpus."""
+    folder = os.path.join(data_dir, "random")
+    os.makedirs(folder, exist_ok=True)
+    ids = torch.randint(vocab_size, (tokens,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    for split in ("train", "val"):
+        ids.numpy().astype("uint16").tofile(os.path.join(folder, f"{split}.bin"))
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump({"name": "random", "tokenizer": "gpt2", "vocab_size": vocab_size, "source": "bench.py gpu"}, f)
+
+
+def peak_tflops(device):
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def run_gpu(args):
+    """The `gpu` subcommand: every GPU figure of the README in one process, one markdown table."""
+    device = torch.device(args.device or "cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("bench.py gpu needs a CUDA device (or --device=cpu for a smoke run at tiny shapes)")
+    tiny, reps = device.type == "cpu", 2 if device.type == "cpu" else 10
+    torch.backends.cuda.matmul.allow_tf32 = True
+    copy = copy_gbps(device, (32 << 20) if tiny else (1 << 30), reps)
+    rows = [("copy bandwidth", f"{copy:.0f} GB/s", "")]
+    shapes = [("tiny", TINY["kernel"])] if tiny else [(name, SHAPES[name]) for name in GPU_KERNEL_SHAPES]
+    for dtype in (torch.bfloat16, torch.float32):
+        for name, shape in shapes:
+            results = bench_shape(name, shape, dtype, device, kernel_backends(device), reps, copy)
+            base = next(r for r in results if r["backend"] == "F.embedding_bag")
+            for r in results:
+                both = base["fwd_ms"] + base["bwd_ms"]
+                rows.append((f"bag {str(dtype)[6:]} {name} {'x'.join(map(str, shape))} {r['backend']}",
+                             f"fwd {r['fwd_ms']:.2f} ms ({r['fwd_pct_copy']:.0f}% of copy), bwd {r['bwd_ms']:.2f} ms "
+                             f"({r['bwd_pct_copy']:.0f}%)", f"fwd+bwd {both / (r['fwd_ms'] + r['bwd_ms']):.2f}x "
+                             "F.embedding_bag"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    dim, tokens, values = TINY["layer"] if tiny else (768, 8192, 2**20)
+    dense_ms, _ = layer_step("dense", dim, tokens, 0, device, reps, torch.bfloat16)
+    for kind in ("memory", "memory-sparse"):
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        ms, peak = layer_step(kind, dim, tokens, values, device, reps, torch.bfloat16)
+        rows.append((f"{kind} layer d={dim}, {tokens} tokens, {values:,} values, bf16", f"{ms:.2f} ms, peak {peak:,.0f} MB",
+                     f"{ms / dense_ms:.2f}x the dense FFN ({dense_ms:.2f} ms)"))
+    with tempfile.TemporaryDirectory() as tmp:
+        random_dataset(tmp, 1 << 16 if tiny else 1 << 24)
+        steps = 3 if tiny else 30
+        for sparse in (False, True):
+            events, wall = train_and_log([os.path.join(ROOT, "configs", "gpt2_small_memplus.py"), f"--data_dir={tmp}",
+                                          "--dataset=random", f"--max_iters={steps}", f"--log_interval={steps // 3}",
+                                          "--eval_interval=1000000", "--eval_iters=1", f"--device={device}",
+                                          f"--mem_sparse_update={sparse}", *(TINY["train"] if tiny else [])],
+                                         os.path.join(tmp, f"run{sparse}"))
+            start, last = events[0], [e for e in events if e["event"] == "train"][-1]
+            peak = peak_tflops(device)
+            mfu = f", MFU {3 * start['flops_per_token'] * last['tokens_per_s'] / (peak * 1e12):.1%}" if peak else ""
+            rows.append((f"train gpt2_small_memplus, {'sparse' if sparse else 'dense'} value update, "
+                         f"{'eager' if tiny else 'compiled'}",
+                         f"{last['tokens_per_s']:,.0f} tokens/s, {last['ms_per_iter']:.0f} ms/iter{mfu}",
+                         f"peak {last['peak_memory_mb']:,.0f} MB, {wall:.0f} s with compilation"))
+    table = "\n".join([f"`python bench.py gpu` on {machine(device)}, torch {torch.__version__}", "",
+                       "| measurement | result | against |", "|---|---|---|"] +
+                      [f"| {a} | {b} | {c} |" for a, b, c in rows])
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(table + "\n")
+    print(table)
 
 
 # ---- facts: the factual-recall comparison ----------------------------------------------------------------
@@ -467,6 +558,10 @@ def main(argv=None):
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(run=run_train)
+    g = commands.add_parser("gpu", help="every GPU figure in one run (under 8 minutes), one markdown table")
+    g.add_argument("--device", help="default cuda; cpu runs a tiny smoke test of the same code")
+    g.add_argument("--out", default="runs/gpu.md", help="where the markdown table goes")
+    g.set_defaults(run=run_gpu)
     f = commands.add_parser("facts", help="the factual-recall comparison: every facts config at one budget")
     f.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: every one with a config)")
     f.add_argument("--seeds", type=int, default=2, help=f"seeds of {' and '.join(REPEATED)}; the others get one")

@@ -1,8 +1,9 @@
 # GPT-2 small (124M dense) with Memory+ at the paper's settings, for one GPU: 3 memory layers centred with a
 # wide stride (2, 6, 10 of 12, as 4, 12, 20 of 24 in the paper) sharing one table of 1024**2 = 1M values.
-# Point `dataset` at a large corpus (python prepare_data.py text --input ... --name NAME --tokenizer gpt2);
-# tinyshakespeare with GPT-2 ids (prepare_data.py shakespeare --tokenizer gpt2) makes it run out of the box.
-dataset = "shakespeare_gpt2"
+# Data: fineweb-edu in GPT-2 ids, `python prepare_data.py fineweb_edu --num_tokens 1e10` (pip install datasets);
+# 5000 iterations of 16 x 4 x 1024 tokens read 0.33B of them. The vocabulary is padded from 50257 to 50304.
+dataset = "fineweb_edu"
+vocab_multiple = 64
 out_dir = "out/gpt2_small_memplus"
 n_layer = 12
 n_head = 12
