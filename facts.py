@@ -58,29 +58,40 @@ ATTRIBUTES = {
 }
 
 
-def make_names(n, rng):
-    """n distinct two-part names. First and last names are each shared by many people, so only the pair
-    identifies a person (as with real names)."""
+def make_names(n, rng, exclude=()):
+    """n distinct two-part names, none of them in exclude. First and last names are each shared by many
+    people, so only the pair identifies a person (as with real names); excluding another knowledge base's
+    names makes new people (for finetuning on facts the model has never seen), whose first or last name
+    alone may still be familiar, as within one knowledge base. An empty exclude draws what it always drew."""
     firsts = sorted({(a + b).capitalize() for a in FIRST_SYLLABLES for b in SECOND_SYLLABLES})
     lasts = sorted({(a + e).capitalize() for a in FIRST_SYLLABLES for e in LAST_ENDINGS})
     if n > len(firsts) * len(lasts) // 2:
         raise ValueError(f"n_entities={n} exceeds the {len(firsts) * len(lasts) // 2:,} names this generator makes")
     firsts = rng.sample(firsts, min(len(firsts), 4 * math.isqrt(n) + 8))
+    exclude = set(exclude)
+    drawable = {f"{first} {last}" for first in firsts for last in lasts} if exclude else set()
+    if n > len(firsts) * len(lasts) - len(exclude & drawable):  # the draw below would never end
+        raise ValueError(f"n_entities={n} exceeds the names left after excluding {len(exclude):,}")
     names = set()
     while len(names) < n:
-        names.add(f"{rng.choice(firsts)} {rng.choice(lasts)}")
+        name = f"{rng.choice(firsts)} {rng.choice(lasts)}"
+        if name not in exclude:
+            names.add(name)
     return sorted(names)
 
 
-def make_facts(n_entities, seed, attributes=tuple(ATTRIBUTES)):
-    """The knowledge base: [(name, {attribute: value})], deterministic for (n_entities, seed, attributes)."""
+def make_facts(n_entities, seed, attributes=tuple(ATTRIBUTES), exclude=()):
+    """The knowledge base: [(name, {attribute: value})], deterministic for (n_entities, seed, attributes,
+    exclude). exclude: names no person may have, e.g. [name for name, _ in kb_a] for a second knowledge
+    base of new people with the same kinds of attributes (the finetuning set of finetune.py)."""
     unknown = [a for a in attributes if a not in ATTRIBUTES]
     if unknown or not attributes:
         raise ValueError(f"unknown attributes {unknown}: choose from {', '.join(ATTRIBUTES)}")
     if n_entities < 1:
         raise ValueError(f"n_entities must be at least 1, got {n_entities}")
     rng = random.Random(seed)
-    return [(name, {a: rng.choice(ATTRIBUTES[a][0]) for a in attributes}) for name in make_names(n_entities, rng)]
+    return [(name, {a: rng.choice(ATTRIBUTES[a][0]) for a in attributes})
+            for name in make_names(n_entities, rng, exclude)]
 
 
 def fact_lines(name, attribute, value):

@@ -1,0 +1,210 @@
+"""Learning new facts without forgetting: sparse memory finetuning (Lin et al. 2025, arXiv 2510.15103).
+
+A pretrained memory model is finetuned on new data by updating only the value rows that the new data
+reads unusually often; everything else stays frozen, so what the model knew is mostly left in place
+(docs/method.md section 6). Per table and finetuning step:
+
+    c(i)   = reads of row i by the step's batch (all tokens, heads, and memory layers sharing the table)
+    tf(i)  = c(i) / sum_j c(j)
+    df(i)  = number of background (pretraining) batches, out of B, that read row i
+    idf(i) = log((B + 1) / (df(i) + 1))
+    train the top `rows` rows by tf(i) * idf(i) (ties: the lower row first; rows scoring 0 never)
+
+A row scoring 0 was either not read (it has no gradient anyway) or read by every background batch, the
+rows the method exists to protect. The baselines are the other FINETUNE_MODES: "full" (every parameter),
+"values" (all of every value table) and "lora" (low-rank adapters on the attention and dense FFN
+projections).
+
+How a training loop uses it (the caller builds the optimizer from what prepare returns):
+
+    params = prepare(model, mode, lora_rank)                    # before DDP and torch.compile
+    if mode == "smf":
+        idf = inverse_document_frequency(*document_frequency(model, background_batches, par.sum))
+        smf = SparseMemoryFinetune(model, idf, rows=500, reduce=par.sum)
+    per step: forward + backward over the micro-steps (reads are counted as they happen),
+              par.average_value_grads(...), smf.mask_gradients(), clipping, optimizer.step()
+
+Optimizers. "full" and "lora": any, e.g. AdamW on model.optimizer_groups (frozen parameters get no
+gradient, so AdamW skips them). "values": SGD or AdamW on the tables (RowAdamW with sparse_grad). "smf":
+masking zeroes (dense table gradient) or drops (sparse, ValueTable.sparse_grad) the other rows'
+gradients, and the other rows stay bit-identical under torch.optim.SGD without momentum or weight decay
+(dense or sparse gradients; the paper found SGD better than AdamW for this update), optim.RowAdamW on
+sparse gradients (any weight decay: it decays only the rows it updates), and torch.optim.AdamW with
+weight_decay=0 on dense gradients from a fresh state. Under AdamW (or SGD momentum) a row keeps moving on
+its moments once selected, so over several steps the rows that change are all steps' selections together;
+dense weight decay moves every row. "values" and "smf" leave DDP nothing to average (the tables are not
+DDP's): do not wrap the model in DDP then.
+
+Under torchrun with column-sharded tables each rank counts its own tokens' reads; `reduce` (par.sum of
+distributed.Parallel) sums the counts over ranks, so every rank ranks the same rows, those of the whole
+batch. Read counting is tested eagerly, not under torch.compile.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from errors import ConfigError
+from model import Attention, SwiGLU
+
+FINETUNE_MODES = ("full", "lora", "values", "smf")
+LORA_TARGETS = {Attention: ("qkv", "proj"), SwiGLU: ("w1", "w2", "w3")}  # module type: its adapted Linears
+
+
+class ReadCounts:
+    """c(i) of every value table of a GPT, counted by a forward pre-hook on each table: a table's forward
+    gets (indices, weights), indices (tokens, heads*knn), once per memory layer call, so the count covers
+    every layer that shares the table. With grad_only, forwards without autograd (evaluation) are not
+    counted: they make no gradient to mask."""
+
+    def __init__(self, model, grad_only=False):
+        self.grad_only, self.tables = grad_only, list(model.values)
+        self.counts = [None] * len(self.tables)
+        self.handles = [table.register_forward_pre_hook(self.hook(k)) for k, table in enumerate(self.tables)]
+
+    def hook(self, k):
+        def count(table, inputs):
+            if self.grad_only and not torch.is_grad_enabled():
+                return
+            indices = inputs[0].flatten()
+            if self.counts[k] is None:
+                self.counts[k] = torch.zeros(len(table.weight), dtype=torch.long, device=indices.device)
+            self.counts[k].index_add_(0, indices, torch.ones_like(indices, dtype=torch.long))
+        return count
+
+    def take(self, reduce=None):
+        """The counts since the last take, summed by reduce (over ranks) when given; counting restarts."""
+        counts = [c if c is not None else torch.zeros(len(t.weight), dtype=torch.long, device=t.weight.device)
+                  for c, t in zip(self.counts, self.tables)]
+        self.counts = [None] * len(self.tables)
+        return [reduce(c) for c in counts] if reduce else counts
+
+    def remove(self):
+        for handle in self.handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def document_frequency(model, batches, reduce=None):
+    """([df per table], B): how many of the background batches (token ids (batch, T), or (ids, targets))
+    read each row. Run it under the training run's autocast, where the search may pick other rows; under
+    torchrun every rank passes its own part of the same B batches and reduce=par.sum."""
+    counter, was_training = ReadCounts(model), model.training
+    model.eval()
+    df, n = None, 0
+    try:
+        for batch in batches:
+            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+            read = [(c > 0).long() for c in counter.take(reduce)]
+            df = read if df is None else [d + r for d, r in zip(df, read)]
+            n += 1
+    finally:
+        counter.remove()
+        model.train(was_training)
+    if not n:
+        raise ValueError("document_frequency needs at least one background batch")
+    return df, n
+
+
+def inverse_document_frequency(df, n_batches):
+    """idf(i) = log((B + 1) / (df(i) + 1)), fp64, per table: 0 for rows every background batch reads."""
+    return [torch.log((n_batches + 1) / (d.double() + 1)) for d in df]  # exactly 0 where df = B
+
+
+def select_rows(counts, idf, rows):
+    """The top `rows` rows by tf * idf with a positive score, best first, the lower row first among equals."""
+    score = counts.double() / counts.sum().clamp(min=1) * idf.to(counts.device)
+    order = torch.sort(score, descending=True, stable=True).indices[:rows]
+    return order[score[order] > 0]
+
+
+class SparseMemoryFinetune:
+    """Counts each step's reads (training forwards only) and restricts the tables' gradients to the rows
+    select_rows picks: call mask_gradients() after the step's last backward, before clipping and the step."""
+
+    def __init__(self, model, idf, rows, reduce=None):
+        if len(idf) != len(model.values):
+            raise ValueError(f"{len(idf)} idf vectors for {len(model.values)} value tables")
+        self.tables, self.idf, self.rows, self.reduce = list(model.values), idf, rows, reduce
+        self.counter = ReadCounts(model, grad_only=True)
+        self.selected = None  # the rows of each table that the last mask_gradients kept
+
+    @torch.no_grad()
+    def mask_gradients(self):
+        """Zero (dense) or drop (sparse) every other row's gradient; returns [selected rows per table]."""
+        self.selected = []
+        for table, counts, idf in zip(self.tables, self.counter.take(self.reduce), self.idf):
+            rows = select_rows(counts, idf, self.rows).to(table.weight.device)
+            self.selected.append(rows)
+            grad = table.weight.grad
+            if grad is None:
+                continue
+            keep = torch.zeros(len(grad), dtype=torch.bool, device=grad.device)
+            keep[rows] = True
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                mine = keep[grad.indices()[0]]
+                table.weight.grad = torch.sparse_coo_tensor(grad.indices()[:, mine], grad.values()[mine], grad.shape,
+                                                            is_coalesced=True, check_invariants=False)
+            else:
+                grad.masked_fill_(~keep.unsqueeze(1), 0)
+        return self.selected
+
+    def remove(self):
+        self.counter.remove()
+
+
+class LoRALinear(nn.Module):
+    """W x + (alpha / r) B A x around a frozen nn.Linear: A (r, in) small random, B (out, r) zero, so the
+    model is unchanged until B learns; merge() folds the product into W for a plain checkpoint."""
+
+    def __init__(self, base, rank, alpha=None):
+        super().__init__()
+        self.base, self.scale = base.requires_grad_(False), (alpha or rank) / rank
+        like = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, **like))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, **like))
+        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # nn.Linear's own init, as PEFT does
+
+    def forward(self, x):
+        return self.base(x) + self.scale * F.linear(F.linear(x, self.lora_a), self.lora_b)
+
+    @torch.no_grad()
+    def merge(self):
+        """The base Linear with W + (alpha / r) B A."""
+        self.base.weight += self.scale * (self.lora_b @ self.lora_a)
+        return self.base
+
+
+def add_lora(model, rank, alpha=None):
+    """Wrap the attention projections (qkv, proj) and the dense SwiGLU FFNs' w1, w2, w3 in LoRALinear."""
+    for module in list(model.modules()):
+        for name in LORA_TARGETS.get(type(module), ()):
+            setattr(module, name, LoRALinear(getattr(module, name), rank, alpha))
+
+
+def merge_lora(model):
+    """Fold every adapter into its Linear, in place: the model's state dict is a plain GPT's again. (To
+    checkpoint mid-run, merge a copy.deepcopy of the model.)"""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                setattr(module, name, child.merge())
+    return model
+
+
+def prepare(model, mode, lora_rank=8, lora_alpha=None):
+    """Freeze the model for a finetuning mode and return the parameters to optimise: every one ("full"),
+    the value tables ("values", "smf": smf's row masking is SparseMemoryFinetune's), or new adapters ("lora")."""
+    if mode not in FINETUNE_MODES:
+        raise ConfigError(f"finetune mode {mode!r} is not one of {', '.join(FINETUNE_MODES)}")
+    if mode in ("values", "smf") and not len(model.values):
+        raise ConfigError(f"finetune mode {mode!r} trains memory values, but the model has no memory layers")
+    model.requires_grad_(mode == "full")
+    if mode in ("values", "smf"):
+        for _, p in model.value_parameters():
+            p.requires_grad_(True)
+    if mode == "lora":
+        add_lora(model, lora_rank, lora_alpha)
+    return [p for p in model.parameters() if p.requires_grad]
