@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from config import OneLineErrors, pick_device
 from errors import UserError
 from facts import ATTRIBUTES, DEFAULT_ENTITIES, EVAL_FILE
 from prepare_data import write_facts
@@ -67,6 +68,11 @@ DEFAULT_SHAPES = {"cpu": "cpu-target,official-small", "cuda": "cpu-target,paper-
 def pytorch_embedding_bag(weight, indices, weights):
     """The baseline: PyTorch's op (per-sample weights must share the table's dtype)."""
     return F.embedding_bag(indices, weight, per_sample_weights=weights.to(weight.dtype), mode="sum")
+
+
+def bench_device(name):
+    """--device, else cuda when there is one; a one-line error when its backend is missing (pick_device)."""
+    return pick_device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def kernel_backends(device):
@@ -145,7 +151,7 @@ def parse_shape(text):
     try:
         tokens, bag, num_rows, dim = (int(v) for v in text.split("x"))
     except ValueError:
-        raise SystemExit(f"bench: unknown shape {text!r}: a name in {sorted(SHAPES)} or TOKENSxBAGxROWSxDIM")
+        raise UserError(f"unknown shape {text!r}: a name in {sorted(SHAPES)} or TOKENSxBAGxROWSxDIM")
     return text, (tokens, bag, num_rows, dim)
 
 
@@ -162,13 +168,13 @@ def machine(device):
 
 def run_kernels(args):
     """The `kernels` subcommand: print a table (or JSON) of embedding-bag timings."""
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = bench_device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backends = kernel_backends(device)
     if args.backends:
         unknown = set(args.backends.split(",")) - set(backends)
         if unknown:
-            raise SystemExit(f"bench: backends {sorted(unknown)} not available on {device}; have {list(backends)}")
+            raise UserError(f"backends {sorted(unknown)} not available on {device}; have {list(backends)}")
         backends = {name: backends[name] for name in args.backends.split(",")}
     reps = args.reps or (10 if device.type == "cuda" else 5)
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (256 << 20), reps)
@@ -225,7 +231,7 @@ def layer_step(kind, dim, tokens, num_values, device, reps, dtype=None):
 
 def run_layer(args):
     """The `layer` subcommand: memory layer against dense FFN across table sizes."""
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = bench_device(args.device).type
     reps = args.reps or (10 if device == "cuda" else 5)
     context = multiprocessing.get_context("spawn")
     rows = []
@@ -520,13 +526,6 @@ def run_facts(args):
 def powers_of_two(text):
     """--exponents: comma-separated exponents, e.g. 14,16,18,20."""
     return [int(e) for e in text.split(",")]
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """Bad options are one line, `error: ...`, like every other tool's errors."""
-
-    def error(self, message):
-        sys.exit(f"error: {message}")
 
 
 def main(argv=None):

@@ -4,10 +4,13 @@ A config file is Python that assigns keys; config files apply in the order given
 line's --key=value overrides (which always win, wherever they stand). Every key is a field of TrainConfig
 below or of model.GPTConfig; its comment there is its help text (`python train.py --help` prints them).
 """
+import argparse
 import ast
 import difflib
 import inspect
+import math
 import re
+import sys
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -24,6 +27,7 @@ class TrainConfig:
     out_dir: str = "out"  # checkpoints and log.jsonl of this run
     init_from: str = "scratch"  # 'scratch', 'resume' (out_dir/ckpt.pt), or another run's out_dir (its weights only)
     eval_only: bool = False  # evaluate the checkpoint init_from names (losses, fact scores) and stop
+    overwrite: bool = False  # allow a scratch run into an out_dir that holds another run's checkpoint (replaced)
     # loop
     max_iters: int = 2000  # optimizer steps in all
     eval_interval: int = 250  # iterations between evals (and checkpoints)
@@ -51,11 +55,33 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model
     seed: int = 1337  # weights' initialisation and the order of batches
     mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
+    vocab_multiple: int = 1  # the model's vocabulary rounded up to a multiple of this (64 suits GPU matmuls)
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
-CHOICES = {"nonfinite": ("stop", "skip"),
-           "dtype": ("auto", "float32", "bfloat16", "float16")}
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?|mps")
+
+
+def one_of(*choices):
+    return lambda v, c: v in choices, " or ".join(map(repr, choices))
+
+
+RULES = {  # key: (test of its value in the whole config, the allowed values in words, filled from the config)
+    **{k: (lambda v, c: v >= 1, "at least 1") for k in (
+        "batch_size", "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel")},
+    **{k: (lambda v, c: v >= 0, "at least 0") for k in (
+        "max_iters", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip", "mem_value_grad_clip")},
+    **{k: (lambda v, c: v > 0, "above 0") for k in ("learning_rate", "mem_value_lr", "rope_theta", "norm_eps")},
+    **{k: (lambda v, c: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")},
+    "seed": (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)"),
+    "min_lr": (lambda v, c: 0 <= v <= c["learning_rate"], "in [0, learning_rate={learning_rate}]"),
+    "lr_decay_iters": (lambda v, c: v == 0 or v >= c["warmup_iters"],
+                       "0 (decay until max_iters) or at least warmup_iters={warmup_iters}"),
+    "nonfinite": one_of("stop", "skip"),
+    "dtype": one_of("auto", "float32", "bfloat16", "float16"),
+    "device": (lambda v, c: DEVICE_NAME.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
+    **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("dataset", "data_dir", "out_dir", "init_from")},
+}
 
 
 def default_config():
@@ -65,8 +91,10 @@ def default_config():
 
 
 def gpt_config(config, vocab_size):
-    """The GPTConfig of a train config, for a vocabulary of vocab_size."""
-    return GPTConfig(vocab_size=vocab_size, **{k: config[k] for k in MODEL_KEYS})
+    """The GPTConfig of a train config, for a dataset vocabulary of vocab_size (rounded up to vocab_multiple:
+    the extra ids never occur in the data, so the model learns never to predict them)."""
+    multiple = config.get("vocab_multiple", 1)
+    return GPTConfig(vocab_size=-(-vocab_size // multiple) * multiple, **{k: config[k] for k in MODEL_KEYS})
 
 
 def coerce(key, value, default):
@@ -128,10 +156,22 @@ def load_config(argv):
             set_key(config, key, value, path)
     for arg in [a for a in argv if a.startswith("--")]:
         set_key(config, *parse_override(arg), "command line")
-    for key, allowed in CHOICES.items():
-        if config[key] not in allowed:
-            raise ConfigError(f"{key} must be one of {allowed}, got {config[key]!r}")
+    validate(config)
     return config
+
+
+def validate(config):
+    """Every setting in its meaningful range, and the model it builds (GPTConfig.validate), before anything
+    is created on disk: a ConfigError naming the key, its value, the range and a value to write instead."""
+    defaults = default_config()
+    for key, value in config.items():
+        ok, allowed = RULES.get(key, (lambda v, c: True, None))
+        if isinstance(value, float) and not math.isfinite(value):
+            ok, allowed = (lambda v, c: False), "a finite number"
+        if not ok(value, config):
+            instead = next((v for v in (defaults[key], 0) if ok(v, config)), defaults[key])
+            raise ConfigError(f"{key}={value!r} must be {allowed.format(**config)}: write e.g. {key}={instead!r}")
+    gpt_config(config, GPTConfig.vocab_size)  # the vocabulary comes from the data, later
 
 
 def pick_device(name):
@@ -140,10 +180,9 @@ def pick_device(name):
         if torch.cuda.is_available():
             return torch.device("cuda")
         return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
+    if not DEVICE_NAME.fullmatch(name):
+        raise ConfigError(f"device={name!r} must be {RULES['device'][1]}: write e.g. device='auto'")
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device={name!r} but this torch sees no CUDA device: use device='auto' or 'cpu' (or "
                           "install a CUDA build of torch)")
@@ -151,8 +190,6 @@ def pick_device(name):
         raise ConfigError(f"device={name!r} but there are {torch.cuda.device_count()} CUDA devices")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError(f"device={name!r} but MPS is not available here: use device='auto' or 'cpu'")
-    if device.type not in ("cpu", "cuda", "mps"):
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {name!r}")
     return device
 
 
@@ -193,3 +230,10 @@ def usage():
             lines += ["", f"{section}:"]
         lines.append(f"  {key:<28} {default!r:<14} {meaning}")
     return "\n".join(lines)
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An argparse parser whose bad options are one line, `error: ...`, like every other error of the tools."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (--help for the options)")

@@ -12,6 +12,9 @@ import torch
 
 from errors import DataError
 
+TOKENIZERS = ("compact", "gpt2", "char")
+MAX_VOCAB = 2**16  # ids are stored as uint16
+
 
 def gpt2_encoding():
     import tiktoken
@@ -60,11 +63,57 @@ class Tokenizer:
         return self.bpe.decode(ids)
 
 
+def prepare_command(dataset):
+    """The prepare_data.py command that makes a dataset of this name (shakespeare_char, facts, ...)."""
+    corpus, _, tokenizer = dataset.partition("_")
+    if corpus == "shakespeare" and tokenizer in ("", *TOKENIZERS):
+        return f"`python prepare_data.py shakespeare --tokenizer {tokenizer or 'compact'}`"
+    if dataset in ("facts", "fineweb_edu"):
+        return f"`python prepare_data.py {dataset}{' --num_tokens N' if dataset == 'fineweb_edu' else ''}`"
+    return f"`python prepare_data.py text --input FILE --name {dataset}`"
+
+
+def meta_problem(meta):
+    """What keeps meta (a meta.json's object) from describing a tokenizer, or None."""
+    if not isinstance(meta, dict):
+        return f"holds a JSON {type(meta).__name__}, not an object"
+    vocab_size, kind = meta.get("vocab_size"), meta.get("tokenizer")
+    if type(vocab_size) is not int or not 0 < vocab_size <= MAX_VOCAB:
+        return f"has vocab_size={vocab_size!r}, not a whole number in 1..{MAX_VOCAB}"
+    if kind not in TOKENIZERS:
+        return f"has tokenizer={kind!r}, not one of {', '.join(TOKENIZERS)}"
+    table, item = {"char": ("chars", str), "compact": ("compact_ids", int)}.get(kind, (None, None))
+    values = meta.get(table)
+    if table and not (isinstance(values, list) and len(values) >= vocab_size and
+                      all(type(v) is item for v in values)):
+        return f"has no list {table} of {vocab_size} {item.__name__}s (one per id), which a {kind} tokenizer needs"
+    return None
+
+
+def read_meta(path, dataset):
+    """The tokenizer description at path (a dataset's meta.json), or a DataError naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        meta, problem = None, f"is not readable JSON ({type(e).__name__}: {e})"
+    else:
+        problem = meta_problem(meta)
+    if problem:
+        raise DataError(f"{path} {problem}: make the dataset again with {prepare_command(dataset)}")
+    return meta
+
+
 class Tokens:
     """A split's uint16 token ids, stored in one file or in numbered shards, read as one sequence."""
 
-    def __init__(self, paths):
+    def __init__(self, paths, dataset):
         self.name = paths[0] if len(paths) == 1 else f"{paths[0]} (and {len(paths) - 1} more shards)"
+        for path in paths:  # a copy cut short would be read shifted by a byte, or not mapped at all
+            size = os.path.getsize(path)
+            if size == 0 or size % 2:
+                raise DataError(f"{path} holds {size} bytes, not a whole number of uint16 token ids (at least one): "
+                                f"make the dataset again with {prepare_command(dataset)}")
         self.shards = [np.memmap(path, dtype=np.uint16, mode="r") for path in paths]
         self.starts = np.cumsum([0] + [len(shard) for shard in self.shards])  # of each shard, then the end
 
@@ -82,7 +131,8 @@ class Tokens:
 
 
 def load_dataset(data_dir, dataset, block_size):
-    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset."""
+    """train/val tokens (split.bin, or shards split_000000.bin, ...) and meta.json of data_dir/dataset,
+    checked alike on every rank before any collective: one-line DataErrors naming the file."""
     folder = os.path.join(data_dir, dataset)
     files = {s: [os.path.join(folder, f"{s}.bin")] if os.path.exists(os.path.join(folder, f"{s}.bin"))
              else sorted(glob.glob(os.path.join(folder, f"{s}_*.bin"))) for s in ("train", "val")}
@@ -91,19 +141,21 @@ def load_dataset(data_dir, dataset, block_size):
         missing.append("meta.json")
     if missing:
         raise DataError(f"dataset '{dataset}' not found ({folder} lacks {', '.join(missing)}): make it "
-                        f"with `python prepare_data.py shakespeare` or `python prepare_data.py text --input FILE "
-                        f"--name {dataset}`")
-    with open(os.path.join(folder, "meta.json")) as f:
-        meta = json.load(f)
-    splits = {s: Tokens(paths) for s, paths in files.items()}
+                        f"with {prepare_command(dataset)}")
+    meta = read_meta(os.path.join(folder, "meta.json"), dataset)
+    splits = {s: Tokens(paths, dataset) for s, paths in files.items()}
     for split, data in splits.items():
         if len(data) <= block_size:
             raise DataError(f"block_size={block_size} needs more than {len(data)} tokens, "
                             f"the size of {data.name}: lower block_size")
+        largest = max(int(shard.max()) for shard in data.shards)  # read once here, not checked per batch
+        if largest >= meta["vocab_size"]:  # a wrong or stale meta.json would otherwise fail deep in the embedding
+            raise DataError(f"{data.name} holds token id {largest}, beyond the vocabulary of {meta['vocab_size']} "
+                            f"in its meta.json: make the dataset again with {prepare_command(dataset)}")
     return splits, meta
 
 
-def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=0, world=1):
+def get_batch(data, batch_size, block_size, generator, device, rank=0, world=1):
     """batch_size random windows of data: inputs and next-token targets, (batch_size, block_size) int64.
 
     With world ranks the generator draws world*batch_size windows and rank takes its batch_size of them,
@@ -112,9 +164,6 @@ def get_batch(data, batch_size, block_size, generator, device, vocab_size, rank=
     starts = torch.randint(len(data) - block_size, (world * batch_size,), generator=generator)
     starts = starts[rank * batch_size:(rank + 1) * batch_size].tolist()
     windows = torch.from_numpy(np.stack([data.read(s, block_size + 1) for s in starts]).astype(np.int64))
-    if windows.max() >= vocab_size:  # a wrong or stale meta.json would otherwise fail deep in the embedding
-        raise DataError(f"{data.name} holds token id {int(windows.max())}, beyond the vocabulary of "
-                        f"{vocab_size} in its meta.json: prepare the dataset again")
     windows = windows.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else windows.to(device)
     return windows[:, :-1], windows[:, 1:]
 

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from errors import ConfigError
+from errors import ConfigError, UserError
 from kernels import embedding_bag
 from memory import ValueTable
 
@@ -193,6 +193,24 @@ class Parallel:
         x = x.detach().clone()
         dist.all_reduce(x)
         return x
+
+    def agree(self, check):
+        """check() on this rank; the UserError it raised on any rank is raised on every rank (the lowest
+        rank's), so that a check only some ranks make (rank 0 locks out_dir and writes checkpoints) stops
+        them all with one message instead of leaving the others waiting in the next collective.
+        Returns check()'s result (collective: every rank)."""
+        error = result = None
+        try:
+            result = check()
+        except UserError as e:
+            error = e
+        if self.world > 1:
+            errors = [None] * self.world
+            dist.all_gather_object(errors, error)
+            error = next((e for e in errors if e is not None), None)
+        if error is not None:
+            raise error
+        return result
 
     def max(self, value):
         """The largest of every rank's int (collective: every rank)."""

@@ -19,6 +19,8 @@ import random
 import torch
 import torch.nn.functional as F
 
+from errors import DataError
+
 EVAL_FILE = "eval.json"
 DEFAULT_ENTITIES = 2000
 
@@ -153,16 +155,42 @@ def write_eval(facts, seed, tokenizer, path):
     return pairs
 
 
-def load_eval(folder, size):
+def load_eval(folder, size, vocab_size):
     """The fixed eval sample of a dataset folder: {"": pairs of trained question templates, "_heldout":
-    pairs of held-out ones}, size of each, as (prompt ids, answer ids); None when the folder has no eval file."""
+    pairs of held-out ones}, size of each, as (prompt ids, answer ids); None when the folder has no eval file.
+    A file that is not what write_eval writes for a vocabulary of vocab_size is a one-line DataError."""
     path = os.path.join(folder, EVAL_FILE)
     if size <= 0 or not os.path.exists(path):
         return None
-    with open(path) as f:
-        pairs = json.load(f)["pairs"]
-    return {suffix: [(p["prompt_ids"], p["answer_ids"]) for p in pairs if p["heldout"] == heldout][:size]
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        data, problem = None, f"is not readable JSON ({type(e).__name__}: {e})"
+    else:
+        problem = eval_problem(data, vocab_size)
+    if problem:
+        raise DataError(f"{path} {problem}: make it again with `python prepare_data.py facts --name "
+                        f"{os.path.basename(os.path.abspath(folder))}`, or delete it to train without fact scores")
+    return {suffix: [(p["prompt_ids"], p["answer_ids"]) for p in data["pairs"] if p["heldout"] == heldout][:size]
             for suffix, heldout in (("", False), ("_heldout", True))}
+
+
+def eval_problem(data, vocab_size):
+    """What keeps data (an eval file's JSON) from being trained and held-out pairs of ids below vocab_size."""
+    def ids(value):
+        return isinstance(value, list) and value and all(type(i) is int and 0 <= i < vocab_size for i in value)
+    pairs = data.get("pairs") if isinstance(data, dict) else None
+    if not isinstance(pairs, list):
+        return "holds no list of 'pairs'"
+    for n, p in enumerate(pairs):
+        if not (isinstance(p, dict) and type(p.get("heldout")) is bool and ids(p.get("prompt_ids"))
+                and ids(p.get("answer_ids"))):
+            return (f"has a pair {n} that is not prompt_ids and answer_ids (ids below the vocabulary size "
+                    f"{vocab_size}) and heldout (true or false)")
+    if {p["heldout"] for p in pairs} != {False, True}:
+        return "lacks pairs of trained or of held-out questions"
+    return None
 
 
 # ---- scoring ------------------------------------------------------------------------------------------

@@ -20,19 +20,21 @@ import glob
 import itertools
 import json
 import os
+import shutil
 import sys
 import urllib.request
+from contextlib import contextmanager
 
 import numpy as np
 
 import facts
-from data import Tokenizer, gpt2_encoding
+from config import OneLineErrors
+from data import TOKENIZERS, Tokenizer, gpt2_encoding
 from errors import UserError
 
 SHIPPED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
-TOKENIZERS = ("compact", "gpt2", "char")
 
 
 def tokenize(text, kind):
@@ -48,24 +50,56 @@ def tokenize(text, kind):
     return remapped.astype(np.uint16), {"vocab_size": len(used), "compact_ids": used.tolist()}
 
 
-def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None):
+def dataset_files(folder):
+    """The files of the dataset in folder, meta.json first (written last, it marks a finished dataset)."""
+    names = ["meta.json", facts.EVAL_FILE] + sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")))
+    return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+
+
+@contextmanager
+def staged(data_dir, name):
+    """A new folder to write dataset data_dir/name into. Once the writing is done its files replace the
+    old dataset's (stale shards too; other files in data_dir/name stay); if the writing fails, from bad
+    input or a full disk, it is removed and the old dataset stays whole."""
+    folder, staging = os.path.join(data_dir, name), os.path.join(data_dir, f".{name}.{os.getpid()}.tmp")
+    os.makedirs(staging, exist_ok=True)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    os.makedirs(folder, exist_ok=True)
+    for old in dataset_files(folder):
+        os.remove(old)
+    for new in reversed(dataset_files(staging)):
+        os.replace(new, os.path.join(folder, os.path.basename(new)))
+    os.rmdir(staging)
+
+
+def write_meta(folder, meta):
+    with open(os.path.join(folder, "meta.json"), "w") as f:
+        json.dump(meta, f)
+
+
+def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None, extra=None):
     """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta.
 
     With val_text, text is all train and val_text all val, in one vocabulary (text should end where a
     token ends, e.g. with a newline before a letter, for the split to fall exactly between them).
+    extra(folder, meta) writes more files of the dataset, which replace the old ones with the rest.
     """
     ids, fields = tokenize(text + (val_text or ""), kind)
     if len(ids) < 2:
         raise ValueError(f"the corpus for '{name}' holds {len(ids)} tokens: nothing to train on")
     split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind)[0])
-    out = os.path.join(data_dir, name)
-    os.makedirs(out, exist_ok=True)
-    ids[:split].tofile(os.path.join(out, "train.bin"))
-    ids[split:].tofile(os.path.join(out, "val.bin"))
     meta = {"name": name, "tokenizer": kind, **fields, "train_tokens": split, "val_tokens": len(ids) - split,
             "source": source}
-    with open(os.path.join(out, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    with staged(data_dir, name) as out:
+        ids[:split].tofile(os.path.join(out, "train.bin"))
+        ids[split:].tofile(os.path.join(out, "val.bin"))
+        if extra:
+            extra(out, meta)
+        write_meta(out, meta)
     return meta
 
 
@@ -75,9 +109,10 @@ def write_facts(n_entities, seed, attributes, kind, name="facts", data_dir="data
     kb = facts.make_facts(n_entities, seed, tuple(attributes))
     train, val = facts.knowledge_text(kb, seed)
     source = f"facts.py: {n_entities} entities, attributes {','.join(attributes)}, seed {seed}"
-    meta = write_dataset(train, name, kind, data_dir, source, val_text=val)
-    facts.write_eval(kb, seed, Tokenizer(meta), os.path.join(data_dir, name, facts.EVAL_FILE))
-    return meta
+
+    def write_eval(folder, meta):
+        facts.write_eval(kb, seed, Tokenizer(meta), os.path.join(folder, facts.EVAL_FILE))
+    return write_dataset(train, name, kind, data_dir, source, val_text=val, extra=write_eval)
 
 
 def read_text(paths):
@@ -181,32 +216,28 @@ class ShardWriter:
 
 def write_shards(documents, name, data_dir, num_tokens, val_tokens, shard_tokens, source):
     """Tokenise documents until num_tokens ids: the first val_tokens go to the val shards, the rest to the
-    train shards (replacing whatever data_dir/name held); writes meta.json and returns it."""
-    folder = os.path.join(data_dir, name)
-    os.makedirs(folder, exist_ok=True)
-    # stale shards would be read as part of the data; meta.json, written last, marks a finished dataset
-    for old in glob.glob(os.path.join(folder, "*.bin")) + glob.glob(os.path.join(folder, "meta.json")):
-        os.remove(old)
+    train shards (replacing the dataset data_dir/name held once all are written); writes meta.json and
+    returns it."""
     encoding = gpt2_encoding()
-    val, train = (ShardWriter(folder, split, shard_tokens) for split in ("val", "train"))
-    written = 0
-    for ids in gpt2_ids(documents, encoding):
-        ids = ids[:num_tokens - written]
-        to_val = max(0, min(len(ids), val_tokens - written))
-        val.write(ids[:to_val])
-        train.write(ids[to_val:])
-        written += len(ids)
-        if written == num_tokens:
-            break
-    val.flush()
-    train.flush()
-    if not train.written:
-        raise ValueError(f"the corpus ran out after {written:,} tokens, all of them validation tokens "
-                         f"(--val_tokens={val_tokens:,}): nothing to train on")
-    meta = {"name": name, "tokenizer": "gpt2", "vocab_size": encoding.n_vocab, "train_tokens": train.written,
-            "val_tokens": val.written, "shard_tokens": shard_tokens, "source": source}
-    with open(os.path.join(folder, "meta.json"), "w") as f:
-        json.dump(meta, f)
+    with staged(data_dir, name) as folder:
+        val, train = (ShardWriter(folder, split, shard_tokens) for split in ("val", "train"))
+        written = 0
+        for ids in gpt2_ids(documents, encoding):
+            ids = ids[:num_tokens - written]
+            to_val = max(0, min(len(ids), val_tokens - written))
+            val.write(ids[:to_val])
+            train.write(ids[to_val:])
+            written += len(ids)
+            if written == num_tokens:
+                break
+        val.flush()
+        train.flush()
+        if not train.written:
+            raise ValueError(f"the corpus ran out after {written:,} tokens, all of them validation tokens "
+                             f"(--val_tokens={val_tokens:,}): nothing to train on")
+        meta = {"name": name, "tokenizer": "gpt2", "vocab_size": encoding.n_vocab, "train_tokens": train.written,
+                "val_tokens": val.written, "shard_tokens": shard_tokens, "source": source}
+        write_meta(folder, meta)
     return meta
 
 
@@ -219,7 +250,7 @@ def count(text):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = OneLineErrors(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="corpus", required=True)
     for corpus in ("shakespeare", "text", "facts"):
         p = sub.add_parser(corpus)
@@ -269,6 +300,9 @@ def main(argv=None):
             meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
     except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # reading errors are ValueErrors above: this is writing the dataset
+        sys.exit(f"error: cannot write the dataset into --data_dir={args.data_dir} ({e.strerror}: {e.filename}): "
+                 "free disk space or choose another --data_dir")
     print(f"wrote {os.path.join(args.data_dir, name)}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens, {meta['tokenizer']} vocabulary of {meta['vocab_size']:,}")
 

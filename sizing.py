@@ -14,7 +14,6 @@ rank holds with the tables split by columns over M ranks, against M = 1 (activat
 vocab_size comes from the dataset's meta.json when it has been prepared, else GPTConfig's default.
 Models are built on the meta device: nothing is allocated, so large configs cost nothing to size.
 """
-import json
 import os
 import shlex
 import sys
@@ -25,6 +24,7 @@ from itertools import count
 import torch
 
 from config import gpt_config, load_config
+from data import read_meta
 from distributed import ShardedValueTable
 from errors import UserError
 from model import GPT, GPTConfig
@@ -127,17 +127,18 @@ def per_rank_report(model_config, mem_parallel):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(__doc__)
+        return
     files = [a for a in argv if not a.startswith("--")]
-    if not files:
-        sys.exit(__doc__)
     try:
+        if not files:
+            raise UserError("name at least one config file: python sizing.py CONFIG.py [--key=value ...] "
+                            "(--help for more)")
         for path in files:  # a+b.py: config files applied in order, as train.py applies them
             config = load_config(path.split("+") + [a for a in argv if a.startswith("--")])
             meta = os.path.join(config["data_dir"], config["dataset"], "meta.json")
-            vocab_size = GPTConfig.vocab_size
-            if os.path.exists(meta):
-                with open(meta) as f:
-                    vocab_size = json.load(f)["vocab_size"]
+            vocab_size = read_meta(meta, config["dataset"])["vocab_size"] if os.path.exists(meta) else GPTConfig.vocab_size
             model_config = gpt_config(config, vocab_size)
             print("\n".join(report(model_config, os.path.basename(path))))
             if any(a.startswith("--mem_parallel=") for a in argv):

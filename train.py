@@ -16,13 +16,13 @@ import resource
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from dataclasses import asdict
 
 import torch
 
 import distributed
-from checkpoint import load_latest, save_checkpoint
+from checkpoint import STATE, WEIGHTS, load_latest, open_run, save_checkpoint
 from config import gpt_config, load_config, pick_device, pick_dtype, usage
 from data import batch_generator, get_batch, load_dataset
 from errors import ConfigError, NumericsError, UserError
@@ -52,7 +52,7 @@ def peak_memory_mb(device):
 
 
 @torch.no_grad()
-def estimate_loss(model, splits, config, device, autocast, vocab_size, par, tables):
+def estimate_loss(model, splits, config, device, autocast, par, tables):
     """Mean loss over eval_iters batches per split; the same batches at every eval, so evals compare.
 
     Every rank evaluates its part of each batch (par: distributed.Parallel), then the means are averaged.
@@ -66,8 +66,8 @@ def estimate_loss(model, splits, config, device, autocast, vocab_size, par, tabl
         generator = torch.Generator().manual_seed(config["seed"])
         losses = []
         for _ in range(config["eval_iters"]):
-            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, vocab_size,
-                             par.rank, par.world)
+            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank,
+                             par.world)
             with autocast:
                 losses.append(model(x, y)[1].float())
         out[split] = par.mean(torch.stack(losses).mean()).item()
@@ -109,7 +109,7 @@ def evaluate(model, step_model, splits, config, device, autocast, par, facts_sam
     """Losses on both splits (through step_model, the wrapped model), the value tables' usage and fact
     scores: (console line, log fields)."""
     t0 = time.time()
-    fields = estimate_loss(step_model, splits, config, device, autocast, model.config.vocab_size, par, model.values)
+    fields = estimate_loss(step_model, splits, config, device, autocast, par, model.values)
     message = f"train loss {fields['train']:.4f}, val loss {fields['val']:.4f}"
     message += "".join(f", values read {f:.1%} (KL from uniform {kl:.2f})" for f, kl in
                        zip(fields.get("mem_read_fraction", []), fields.get("mem_kl_uniform", [])))
@@ -150,7 +150,7 @@ def starting_point(config, model_config, meta):
     folder = config["out_dir"] if resume else config["init_from"]
     if not resume and not os.path.isdir(folder):
         raise ConfigError(f"init_from={folder!r} is not a folder: use 'scratch', 'resume' or another run's out_dir")
-    checkpoint, source = load_latest(os.path.join(folder, "ckpt.pt"))
+    checkpoint, source = load_latest(os.path.join(folder, "ckpt.pt"), keys=STATE if resume else WEIGHTS)
     old_meta = checkpoint.get("meta", {})
     if any(old_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids")):
         raise ConfigError(f"{source} was trained on a {old_meta.get('tokenizer')} vocabulary of "
@@ -162,6 +162,10 @@ def starting_point(config, model_config, meta):
               for k, v in checkpoint["model_config"].items() if now.get(k) != v]
     if differ:
         raise ConfigError(f"config contradicts {source}: {'; '.join(differ)}")
+    if resume and not config["eval_only"] and config["max_iters"] < checkpoint["iter_num"]:
+        raise ConfigError(f"max_iters={config['max_iters']} is below the iteration of {source}, "
+                          f"{checkpoint['iter_num']}: write max_iters={checkpoint['iter_num']} or more to continue it, "
+                          "or eval_only=True to evaluate it")
     return checkpoint, source, resume
 
 
@@ -200,14 +204,21 @@ def make_optimizers(model, config, device):
 
 
 def train(config):
-    """Train as config says; returns the model. Raises a UserError for bad input."""
+    """Train as config says; returns the model. Raises a UserError for bad input. What the run holds (the
+    out_dir lock) is let go however it ends."""
+    with ExitStack() as held:
+        return run(config, held)
+
+
+def run(config, held):
+    """train(config), with held (an ExitStack) for what must be let go when the run ends."""
     torch.manual_seed(config["seed"])
     device = pick_device(config["device"])
     dtype = pick_dtype(config["dtype"], device)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
     splits, meta = load_dataset(config["data_dir"], config["dataset"], config["block_size"])
-    facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"])
-    os.makedirs(config["out_dir"], exist_ok=True)
+    facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"],
+                             meta["vocab_size"])
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = gpt_config(config, meta["vocab_size"])
     par = distributed.setup(config["mem_parallel"], device, model_config)
@@ -215,6 +226,9 @@ def train(config):
     if dtype == torch.float16 and par.world > 1:
         raise ConfigError("dtype='float16' skips steps on overflow rank by rank, so ranks would drift apart: "
                           "use 'bfloat16' or 'float32' with several processes")
+    fresh = config["init_from"] != "resume" and not config["eval_only"]  # would replace out_dir's checkpoint
+    held.enter_context(par.agree(lambda: open_run(config["out_dir"], fresh, config["overwrite"]) if par.is_main
+                                 else nullcontext()))  # rank 0 alone writes, so it alone locks out_dir
 
     checkpoint, ckpt_source, resume = starting_point(config, model_config, meta)
     with torch.device(device):  # every weight initialised once, where it lives
@@ -264,9 +278,13 @@ def train(config):
         """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
         state = {"model": par.full_model_state(model),
                  **{name: par.full_optimizer_state(optimizer, model) for name, optimizer in optimizers.items()}}
-        if par.is_main:
-            save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
-                             "iter_num": iter_num, "val_loss": val_loss, "rng_state": torch.get_rng_state()}, ckpt_path)
+
+        def write():  # on rank 0; a failed write (a full disk) stops every rank alike
+            if par.is_main:
+                save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
+                                 "iter_num": iter_num, "val_loss": val_loss, "rng_state": torch.get_rng_state()},
+                                ckpt_path)
+        par.agree(write)
 
     stop = StopRequest()
     try:
@@ -291,7 +309,7 @@ def train(config):
             micro_steps = config["gradient_accumulation_steps"]
             for micro_step in range(micro_steps):
                 x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device,
-                                 model_config.vocab_size, par.rank, par.world)
+                                 par.rank, par.world)
                 with par.sync(wrapped, last_micro_step=micro_step == micro_steps - 1):
                     with autocast:
                         loss = step_model(x, y)[1] / micro_steps

@@ -58,7 +58,7 @@ def test_shards_hold_the_documents_in_order_and_train_reads_them(jsonl, document
     assert np.array_equal(splits["train"].read(650, 800), want[500 + 650:500 + 1450])  # across three shards
 
     generator = torch.Generator().manual_seed(0)
-    x, y = get_batch(splits["train"], 16, 64, generator, torch.device("cpu"), 50257)
+    x, y = get_batch(splits["train"], 16, 64, generator, torch.device("cpu"))
     starts = torch.randint(2500 - 64, (16,), generator=torch.Generator().manual_seed(0)).tolist()
     assert torch.equal(x, torch.tensor(np.stack([want[500 + s:500 + s + 64] for s in starts]), dtype=torch.long))
     assert torch.equal(y[:, :-1], x[:, 1:])
