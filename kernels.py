@@ -11,11 +11,18 @@ rows a batch read, for sparse updates. Two backends sit behind one call:
 Table gradient strategies (`weight_grad`), both touching only the rows read:
 - "deterministic" (default): sort the (row, token-slot) pairs, then each row sums its contributors in
   a fixed order ("reverse indices"): bitwise reproducible, no atomics on data.
-- "atomic": each (token, slot) pair adds into its row with fp32 atomics: no sort, run-to-run order
-  varies. Triton only; the torch backend always reduces in sorted order.
+- "atomic": for a dense fp32 gradient, each (token, slot) pair adds into its row with fp32 atomics: no
+  sort, run-to-run order varies. Triton only; every other case reduces in sorted order.
+
+No host syncs: the forward and both backward ops size every tensor from shapes alone (the rows read are
+found by a sort and padded to a bound known without the data, see _touched_rows), so a CUDA stream never
+waits for the host and torch.compile keeps a memory layer in one graph (the tests trace them and check
+that no size or value in the graph is data-dependent). On the CPU, where a sync costs nothing, the sparse
+gradient holds exactly the rows read; embedding_bag_row_grad, which returns exactly those rows, syncs
+everywhere.
 """
 import warnings
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -29,27 +36,36 @@ except ImportError:  # CPU-only installs: the torch backend serves everything
 BACKENDS = ("auto", "triton", "torch")
 WEIGHT_GRADS = ("deterministic", "atomic")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GATHER_BYTES = 2**28  # rows gathered at a time by the torch backend's per-sample-weight gradient off the CPU
 
 
 def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_grad="deterministic",
-                  sparse_grad=False):
+                  sparse_grad=False, read=None):
     """Weighted sum of rows. weight (N, dim); indices (tokens, bag) int32/int64; per_sample_weights
     (tokens, bag) any float dtype.
 
-    Returns (tokens, dim) in weight's dtype, differentiable in weight and per_sample_weights. The table
-    gradient is dense (N, dim), or with sparse_grad a sparse COO tensor holding only the rows read
-    (coalesced, for optim.RowAdamW). backend: "auto" (Triton for CUDA tensors when Triton is installed,
-    PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see the module
-    docstring). The op is registered with torch.library, so torch.compile keeps it in its graph (with
-    sparse_grad the backward, whose output is sparse, falls back to eager).
+    Returns (tokens, dim) in the dtype of the table read, differentiable in weight and per_sample_weights.
+    The table gradient is dense (N, dim), or with sparse_grad a sparse COO tensor of the rows read (on the
+    CPU exactly those rows, coalesced; elsewhere and under torch.compile min(tokens * bag, N) rows, the
+    rows read in ascending order then repeats of the last one with zero gradients, uncoalesced: counting
+    the rows would sync the host). read: a copy of weight in a narrower dtype to read instead (memory.
+    ValueTable's under autocast): the output is in read's dtype, weight's gradient in weight's dtype,
+    accumulated in fp32 and never rounded to read's. backend: "auto" (Triton for CUDA tensors when Triton
+    is installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see
+    the module docstring). The op and its backward are registered with torch.library, so torch.compile
+    keeps them in its graph.
     """
-    use_triton = _use_triton(backend, weight_grad, weight, indices, per_sample_weights)
+    table = weight if read is None else read
+    if table.shape != weight.shape or table.device != weight.device:
+        raise ValueError(f"embedding_bag: read {tuple(table.shape)} on {table.device} must match weight "
+                         f"{tuple(weight.shape)} on {weight.device}")
+    use_triton = _use_triton(backend, weight_grad, table, indices, per_sample_weights)
     in_range = f"embedding_bag: indices must lie in [0, {weight.shape[0]})"
-    if indices.is_cuda or torch.compiler.is_compiling():  # checked on the device: no host sync, no graph break
+    if _sync_free(indices):  # checked on the device: no host sync, no graph break
         torch._assert_async(((indices >= 0) & (indices < weight.shape[0])).all(), in_range)
     elif indices.numel() and not 0 <= indices.min() <= indices.max() < weight.shape[0]:
         raise ValueError(in_range)
-    return _bag_op(weight, indices, per_sample_weights, use_triton, weight_grad, sparse_grad)
+    return _bag_op(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad)
 
 
 def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto", weight_grad="deterministic"):
@@ -57,16 +73,20 @@ def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto"
 
     Returns (rows (U,) int64 sorted ascending, grads (U, dim) in grad_out's dtype): the touched rows of
     embedding_bag's dense weight gradient (its other rows are zero) for the same inputs and grad_out.
+    U is read on the host (a sync on CUDA). weight_grad is validated; the rows are always reduced in
+    sorted order.
     """
     use_triton = _use_triton(backend, weight_grad, grad_out, indices, per_sample_weights)
     if grad_out.shape[0] != indices.shape[0]:
         raise ValueError(f"embedding_bag_row_grad: grad_out {tuple(grad_out.shape)} must be (tokens, dim) "
                          f"for indices {tuple(indices.shape)}")
-    if use_triton and weight_grad == "atomic":
-        rows, slots = torch.unique(indices.long(), return_inverse=True)
-        return rows, _scatter_add(slots, per_sample_weights, grad_out, len(rows)).to(grad_out.dtype)
-    pairs = _pairs_by_row(indices, per_sample_weights)
-    return pairs.rows, _bag(grad_out, pairs.tokens, pairs.weights, pairs.offsets, use_triton)
+    rows, grads, _ = _row_grads(indices, per_sample_weights, grad_out, None, use_triton, grad_out.dtype)
+    return rows, grads
+
+
+def _sync_free(t):
+    """Whether the host must not wait for t's values: off the CPU, and while torch.compile traces."""
+    return t.device.type != "cpu" or torch.compiler.is_compiling()
 
 
 def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
@@ -99,170 +119,208 @@ def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
 
 
 @torch.library.custom_op("memory_layers::embedding_bag", mutates_args=())
-def _bag_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor, use_triton: bool,
-            weight_grad: str, sparse_grad: bool) -> torch.Tensor:
+def _bag_op(weight: torch.Tensor, table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
+            use_triton: bool, weight_grad: str, sparse_grad: bool) -> torch.Tensor:
+    """The forward reads `table` (weight itself, or its narrower copy); gradients go to weight."""
     if not use_triton:
-        return F.embedding_bag(indices, weight, per_sample_weights=per_sample_weights.to(weight.dtype), mode="sum")
+        return F.embedding_bag(indices, table, per_sample_weights=per_sample_weights.to(table.dtype), mode="sum")
     tokens, bag = indices.shape
     offsets = torch.arange(0, tokens * bag + 1, bag, device=indices.device)
-    return _bag(weight, indices, per_sample_weights, offsets, True)
+    return _bag(table, indices, per_sample_weights, offsets, True, table.dtype)
 
 
 @_bag_op.register_fake
-def _(weight, indices, per_sample_weights, use_triton, weight_grad, sparse_grad):
-    return weight.new_empty(indices.shape[0], weight.shape[1])
+def _(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad):
+    return table.new_empty(indices.shape[0], table.shape[1])
 
 
-@torch.library.custom_op("memory_layers::embedding_bag_backward", mutates_args=())
-def _bag_backward_op(weight: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
-                     grad_out: torch.Tensor, use_triton: bool, weight_grad: str, need_weight: bool,
-                     need_psw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense table gradient, per-sample weight gradient), each empty when not needed."""
-    grad_weight, grad_psw = weight.new_empty(0), per_sample_weights.new_empty(0)
-    pairs = None
-    if need_weight and use_triton and weight_grad == "atomic":
-        grad_weight = _dense_atomic_grad(weight, indices, per_sample_weights, grad_out)
-    elif need_weight or (need_psw and not use_triton):
-        pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
-        if need_weight:
-            grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, pairs.offsets, use_triton)
+def _dense_backward(table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
+                    grad_out: torch.Tensor, use_triton: bool, weight_grad: str, grad_dtype: torch.dtype,
+                    need_weight: bool, need_psw: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dense table gradient in grad_dtype, per-sample weight gradient), each empty when not needed."""
+    grad_weight, grad_psw = grad_out.new_empty(0, dtype=grad_dtype), per_sample_weights.new_empty(0)
+    atomic = use_triton and weight_grad == "atomic" and grad_dtype == torch.float32
+    pairs = row_offsets = None
+    if (need_weight and not atomic) or (need_psw and not use_triton):
+        pairs = _sort_pairs(indices, per_sample_weights)
+        row_offsets = None if use_triton else _row_offsets(pairs, table.shape[0])
+    if need_weight and atomic:
+        grad_weight = _scatter_add(indices, per_sample_weights, grad_out, table.shape[0])
+    elif need_weight and use_triton:  # the rows read, each once, written into one zero fill
+        rows, offsets = _touched_rows(pairs, min(indices.numel(), table.shape[0]))
+        grad_weight = torch.zeros(table.shape, dtype=grad_dtype, device=grad_out.device)
+        _bag(grad_out, pairs.tokens, pairs.weights, offsets, True, grad_dtype, into=(grad_weight, rows))
+    elif need_weight:  # one bag per table row, empty for the rows nobody read
+        grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, row_offsets, False, grad_dtype)
     if need_psw:
-        grad_psw = _psw_grad(weight, indices, grad_out, use_triton, pairs).to(per_sample_weights.dtype)
+        grad_psw = _psw_grad(table, indices, grad_out, use_triton, pairs, row_offsets).to(per_sample_weights.dtype)
     return grad_weight, grad_psw
 
 
-@_bag_backward_op.register_fake
-def _(weight, indices, per_sample_weights, grad_out, use_triton, weight_grad, need_weight, need_psw):
-    return (weight.new_empty(weight.shape if need_weight else 0),
+def _row_backward(table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
+                  grad_out: torch.Tensor, use_triton: bool, grad_dtype: torch.dtype, need_psw: bool,
+                  exact: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(rows, grads, per-sample weight gradient or empty): the table gradient of the rows read, exactly
+    those rows (their count read on the host) or padded to min(tokens * bag, N) rows (see _touched_rows)."""
+    num_bags = None if exact else min(indices.numel(), table.shape[0])
+    rows, grads, pairs = _row_grads(indices, per_sample_weights, grad_out, num_bags, use_triton, grad_dtype)
+    grad_psw = (_psw_grad(table, indices, grad_out, use_triton, pairs).to(per_sample_weights.dtype) if need_psw
+                else per_sample_weights.new_empty(0))
+    return rows, grads, grad_psw
+
+
+_dense_backward_op = torch.library.custom_op("memory_layers::embedding_bag_backward", _dense_backward,
+                                             mutates_args=())
+_row_backward_op = torch.library.custom_op("memory_layers::embedding_bag_row_backward", _row_backward,
+                                           mutates_args=())
+
+
+@_dense_backward_op.register_fake
+def _(table, indices, per_sample_weights, grad_out, use_triton, weight_grad, grad_dtype, need_weight, need_psw):
+    return (grad_out.new_empty(table.shape if need_weight else 0, dtype=grad_dtype),
             per_sample_weights.new_empty(per_sample_weights.shape if need_psw else 0))
 
 
-def _sparse_backward(weight, indices, per_sample_weights, grad_out, use_triton, weight_grad, need_psw):
-    """(table gradient as a coalesced sparse COO tensor of the rows read, per-sample weight gradient)."""
-    if use_triton:
-        rows, grads = embedding_bag_row_grad(indices, per_sample_weights, grad_out, "triton", weight_grad)
-        pairs = None
-    else:  # one sort serves both gradients
-        pairs = _pairs_by_row(indices, per_sample_weights, weight.shape[0])
-        rows = pairs.offsets.diff().nonzero().squeeze(1)
-        offsets = torch.cat([pairs.offsets[rows], pairs.offsets[-1:]])
-        grads = _bag(grad_out, pairs.tokens, pairs.weights, offsets, False)
-    grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grads.to(weight.dtype), weight.shape,
-                                          is_coalesced=True, check_invariants=False)
-    grad_psw = _psw_grad(weight, indices, grad_out, use_triton, pairs) if need_psw else None
-    return grad_weight, grad_psw
-
-
-def _psw_grad(weight, indices, grad_out, use_triton, pairs):
-    if use_triton:
-        return _pair_dots(weight, indices, grad_out)
-    return _torch_pair_dots(weight, indices, grad_out, pairs)
+@_row_backward_op.register_fake
+def _(table, indices, per_sample_weights, grad_out, use_triton, grad_dtype, need_psw, exact):
+    num_bags = torch.library.get_ctx().new_dynamic_size() if exact else min(indices.numel(), table.shape[0])
+    return (indices.new_empty(num_bags, dtype=torch.int64),
+            grad_out.new_empty(num_bags, table.shape[1], dtype=grad_dtype),
+            per_sample_weights.new_empty(per_sample_weights.shape if need_psw else 0))
 
 
 def _setup_context(ctx, inputs, output):
-    weight, indices, per_sample_weights, ctx.use_triton, ctx.weight_grad, ctx.sparse_grad = inputs
-    ctx.save_for_backward(weight, indices, per_sample_weights)
+    weight, table, indices, per_sample_weights, ctx.use_triton, ctx.weight_grad, ctx.sparse_grad = inputs
+    ctx.grad_dtype = weight.dtype
+    ctx.save_for_backward(table, indices, per_sample_weights)
 
 
 def _backward(ctx, grad_out):
-    weight, indices, per_sample_weights = ctx.saved_tensors
-    need_weight, _, need_psw = ctx.needs_input_grad[:3]
+    table, indices, per_sample_weights = ctx.saved_tensors
+    need_weight, _, _, need_psw = ctx.needs_input_grad[:4]
     if need_weight and ctx.sparse_grad:
-        grad_weight, grad_psw = _sparse_backward(weight, indices, per_sample_weights, grad_out, ctx.use_triton,
-                                                 ctx.weight_grad, need_psw)
+        exact = not _sync_free(indices)
+        rows, grads, grad_psw = _row_backward_op(table, indices, per_sample_weights, grad_out, ctx.use_triton,
+                                                 ctx.grad_dtype, need_psw, exact)
+        grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grads, table.shape, is_coalesced=exact,
+                                              check_invariants=False)
     else:
-        grad_weight, grad_psw = _bag_backward_op(weight, indices, per_sample_weights, grad_out, ctx.use_triton,
-                                                 ctx.weight_grad, need_weight, need_psw)
-    return (grad_weight if need_weight else None), None, (grad_psw if need_psw else None), None, None, None
+        grad_weight, grad_psw = _dense_backward_op(table, indices, per_sample_weights, grad_out, ctx.use_triton,
+                                                   ctx.weight_grad, ctx.grad_dtype, need_weight, need_psw)
+    return (grad_weight if need_weight else None), None, None, (grad_psw if need_psw else None), None, None, None
 
 
 _bag_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _PairsByRow(NamedTuple):
-    """The (token, slot) pairs sorted by (row, token-slot): bag b holds pairs offsets[b]:offsets[b+1]."""
-    rows: Optional[torch.Tensor]  # the row of each bag; None when bag b is row b
-    order: torch.Tensor  # flat (token * bag + slot) position of each sorted pair
-    tokens: torch.Tensor
-    weights: torch.Tensor
-    offsets: torch.Tensor
+class _Pairs(NamedTuple):
+    """The (token, slot) pairs sorted by row, stably (so by token and slot within a row)."""
+    rows: torch.Tensor  # (P,) the row each pair reads, ascending, in indices' dtype
+    order: torch.Tensor  # (P,) its flat token * bag + slot position
+    tokens: torch.Tensor  # (P,) its token
+    weights: torch.Tensor  # (P,) its per-sample weight
 
 
-def _pairs_by_row(indices, per_sample_weights, num_rows=None):
-    """Invert token -> row with one stable sort ("reverse indices").
+def _sort_pairs(indices, per_sample_weights):
+    """Invert token -> row with one stable sort ("reverse indices")."""
+    rows, order = torch.sort(indices.reshape(-1), stable=True)  # int32 sorts ~1.6x faster than int64
+    return _Pairs(rows, order, order // indices.shape[1], per_sample_weights.reshape(-1)[order])
 
-    num_rows=None: one bag per touched row; else one bag per table row, empty for rows no token read,
-    so a bag over them is the dense gradient, zero rows included, in one pass.
+
+def _row_offsets(pairs, num_rows):
+    """Bag b = the pairs of table row b, empty for rows nobody read: (num_rows + 1,) offsets."""
+    rows = torch.arange(num_rows + 1, dtype=pairs.rows.dtype, device=pairs.rows.device)
+    return torch.searchsorted(pairs.rows, rows)
+
+
+def _touched_rows(pairs, num_bags=None):
+    """Bag b = the pairs of the b-th distinct row read: (rows (num_bags,) int64, offsets (num_bags + 1,)).
+
+    num_bags: None for exactly the distinct rows, counted on the host (a sync on CUDA); or a bound on them
+    known without the data (min(pairs, N)): bags past the distinct rows are empty and repeat the last row
+    read, so they add nothing to it wherever they are summed.
     """
-    rows_sorted, order = torch.sort(indices.reshape(-1), stable=True)  # int32 sorts ~1.6x faster than int64
-    if num_rows is None:
-        rows, counts = torch.unique_consecutive(rows_sorted, return_counts=True)
-        rows = rows.long()
-    else:
-        rows, counts = None, torch.bincount(rows_sorted, minlength=num_rows)
-    return _PairsByRow(rows, order, order // indices.shape[1], per_sample_weights.reshape(-1)[order],
-                       F.pad(counts.cumsum(0), (1, 0)))
+    first = torch.ones_like(pairs.rows, dtype=torch.bool)
+    first[1:] = pairs.rows[1:] != pairs.rows[:-1]
+    bag_of_pair = first.cumsum(0) - 1
+    num_bags = int(first.sum()) if num_bags is None else num_bags
+    offsets = torch.searchsorted(bag_of_pair, torch.arange(num_bags + 1, device=first.device))
+    return pairs.rows[offsets[:-1].clamp(max=len(first) - 1)].long(), offsets
 
 
-def _bag(table, indices, weights, offsets, use_triton):
-    """Bag b sums weights[p] * table[indices[p]] over p in [offsets[b], offsets[b+1]); table's dtype."""
+def _row_grads(indices, per_sample_weights, grad_out, num_bags, use_triton, dtype):
+    """(rows, grads in dtype, pairs): _touched_rows' bags of grad_out, fp32 accumulation."""
+    pairs = _sort_pairs(indices, per_sample_weights)
+    rows, offsets = _touched_rows(pairs, num_bags)
+    return rows, _bag(grad_out, pairs.tokens, pairs.weights, offsets, use_triton, dtype), pairs
+
+
+def _bag(table, indices, weights, offsets, use_triton, dtype, into=None):
+    """Bag b sums weights[p] * table[indices[p]] over p in [offsets[b], offsets[b+1]), as a new (bags, dim)
+    tensor in dtype; into=(out, rows) (Triton) writes each non-empty bag b to out[rows[b]] instead."""
     indices, weights = indices.reshape(-1), weights.reshape(-1)
-    if not use_triton:
-        return F.embedding_bag(indices, table, offsets, mode="sum", include_last_offset=True,
-                               per_sample_weights=weights.to(table.dtype))
-    out = torch.empty(len(offsets) - 1, table.shape[1], dtype=table.dtype, device=table.device)
-    block_k, block_d = _blocks(table)
-    grid = (out.shape[0], triton.cdiv(table.shape[1], block_d))
-    _bag_kernel[grid](table, *table.stride(), indices, weights, offsets, out, table.shape[1],
-                      BLOCK_K=block_k, BLOCK_D=block_d)
+    if not use_triton:  # grad_out is cast, not the sums: a half-precision grad_out still sums in fp32
+        return F.embedding_bag(indices, table.to(dtype), offsets, mode="sum", include_last_offset=True,
+                               per_sample_weights=weights.to(dtype))
+    bags, dim = len(offsets) - 1, table.shape[1]
+    out, rows = into or (torch.empty(bags, dim, dtype=dtype, device=table.device), None)
+    _launch(_bag_kernel, lambda meta: (bags, triton.cdiv(dim, meta["BLOCK_D"])), table,
+            table, *table.stride(), indices, weights, offsets, out, rows, dim, SCATTER=into is not None)
     return out
 
 
-def _pair_dots(weight, indices, grad_out):
-    """Per-sample weight gradient (tokens, bag) in fp32: dot(grad_out[t], weight[indices[t, j]])."""
-    out = torch.empty(indices.shape, dtype=torch.float32, device=weight.device)
-    block_k, block_d = _blocks(weight)
-    grid = (indices.shape[0], triton.cdiv(indices.shape[1], block_k))
-    _pair_dot_kernel[grid](weight, *weight.stride(), indices.contiguous(), grad_out, *grad_out.stride(), out,
-                           indices.shape[1], weight.shape[1], BLOCK_K=block_k, BLOCK_D=block_d)
+def _psw_grad(table, indices, grad_out, use_triton, pairs, row_offsets=None):
+    if use_triton:
+        return _pair_dots(table, indices, grad_out)
+    return _torch_pair_dots(table, indices, grad_out, pairs, row_offsets)
+
+
+def _pair_dots(table, indices, grad_out):
+    """Per-sample weight gradient (tokens, bag) in fp32: dot(grad_out[t], table[indices[t, j]])."""
+    out = torch.empty(indices.shape, dtype=torch.float32, device=table.device)
+    tokens, bag = indices.shape
+    _launch(_pair_dot_kernel, lambda meta: (tokens, triton.cdiv(bag, meta["BLOCK_K"])), table,
+            table, *table.stride(), indices.contiguous(), grad_out, *grad_out.stride(), out, bag, table.shape[1])
     return out
 
 
 def _scatter_add(slots, per_sample_weights, grad_out, num_slots):
     """(num_slots, dim) fp32: out[slots[t, j]] += w[t, j] * grad_out[t], with fp32 atomics."""
     out = torch.zeros(num_slots, grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
-    block_k, block_d = _blocks(grad_out)
-    grid = (slots.shape[0], triton.cdiv(grad_out.shape[1], block_d))
-    _scatter_add_kernel[grid](slots.contiguous(), per_sample_weights.contiguous(), grad_out, *grad_out.stride(),
-                              out, slots.shape[1], grad_out.shape[1], BLOCK_K=block_k, BLOCK_D=block_d)
+    tokens, dim = grad_out.shape
+    _launch(_scatter_add_kernel, lambda meta: (tokens, triton.cdiv(dim, meta["BLOCK_D"])), grad_out,
+            slots.contiguous(), per_sample_weights.contiguous(), grad_out, *grad_out.stride(), out, slots.shape[1],
+            dim)
     return out
 
 
-def _dense_atomic_grad(weight, indices, per_sample_weights, grad_out):
-    """Dense table gradient by atomics: straight into (N, dim) for fp32 tables; half-precision tables
-    accumulate their touched rows in fp32, then scatter (no (N, dim) fp32 buffer)."""
-    if weight.dtype == torch.float32:
-        return _scatter_add(indices, per_sample_weights, grad_out, weight.shape[0])
-    rows, grads = embedding_bag_row_grad(indices, per_sample_weights, grad_out, "triton", "atomic")
-    return grads.new_zeros(weight.shape).index_copy_(0, rows, grads)
-
-
-def _torch_pair_dots(weight, indices, grad_out, pairs):
-    """Per-sample weight gradient with PyTorch ops: dot(grad_out[t], weight[indices[t, j]]).
+def _torch_pair_dots(table, indices, grad_out, pairs, row_offsets=None):
+    """Per-sample weight gradient with PyTorch ops: dot(grad_out[t], table[indices[t, j]]).
 
     On CPU (fp32/fp64) a sampled matmul over the row-sorted pairs streams each touched row once and
     never builds the (tokens, bag, dim) gather (measured 18 ms against 300 ms for gather + bmm at
-    4096 x 128 pairs, dim 256); other devices and dtypes gather.
+    4096 x 128 pairs, dim 256); other devices and dtypes gather, in chunks (_gathered_pair_dots).
+    row_offsets: _row_offsets(pairs, N) when the caller has them.
     """
-    if weight.device.type != "cpu" or weight.dtype not in (torch.float32, torch.float64):
-        return torch.bmm(weight[indices], grad_out.unsqueeze(2)).squeeze(2)
+    if table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64):
+        return _gathered_pair_dots(table, indices, grad_out)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
         warnings.simplefilter("ignore", UserWarning)
-        values = torch.zeros_like(pairs.weights, dtype=weight.dtype)  # beta=0 still adds 0 * values: NaN stays
-        pattern = torch.sparse_csr_tensor(pairs.offsets, pairs.tokens, values, (weight.shape[0], len(indices)),
-                                          check_invariants=False)
-    dots = torch.sparse.sampled_addmm(pattern, weight, grad_out.t().to(weight.dtype), beta=0.0).values()
+        values = torch.zeros_like(pairs.weights, dtype=table.dtype)  # beta=0 still adds 0 * values: NaN stays
+        if row_offsets is None:
+            row_offsets = _row_offsets(pairs, table.shape[0])
+        pattern = torch.sparse_csr_tensor(row_offsets, pairs.tokens, values,
+                                          (table.shape[0], len(indices)), check_invariants=False)
+    dots = torch.sparse.sampled_addmm(pattern, table, grad_out.t().to(table.dtype), beta=0.0).values()
     return torch.empty_like(dots).index_copy_(0, pairs.order, dots).view(indices.shape)
+
+
+def _gathered_pair_dots(table, indices, grad_out, chunk_bytes=GATHER_BYTES):
+    """dot(grad_out[t], table[indices[t, j]]) by gathering the rows of as many tokens as fit in chunk_bytes
+    at a time: the whole (tokens, bag, dim) gather is 6.4 GB per read at GPT-2 small's 16k tokens."""
+    step = max(1, chunk_bytes // (indices.shape[1] * table.shape[1] * table.element_size()))
+    return torch.cat([torch.bmm(table[i], g.unsqueeze(2)).squeeze(2)
+                      for i, g in zip(indices.split(step), grad_out.split(step))])
 
 
 def _blocks(table):
@@ -271,12 +329,19 @@ def _blocks(table):
     return 16, min(triton.next_power_of_2(table.shape[1]), 1024 // table.element_size())
 
 
+def _launch(kernel, grid, tiles_for, *args, **constexprs):
+    """kernel[grid](*args) with _blocks(tiles_for) tiles."""
+    constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
+    kernel[grid](*args, **constexprs)
+
+
 _INTERPRETED = False
 if triton is not None:
     @triton.jit
-    def _bag_kernel(table, stride_row, stride_col, indices, weights, offsets, out, dim,
-                    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[b, cols] = sum of weights[p] * table[indices[p], cols] over p in [offsets[b], offsets[b+1])."""
+    def _bag_kernel(table, stride_row, stride_col, indices, weights, offsets, out, out_rows, dim,
+                    SCATTER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+        """Columns cols of bag b: sum of weights[p] * table[indices[p], cols] over p in [offsets[b], offsets[b+1]),
+        stored to out[b] (SCATTER: to out[out_rows[b]], and only for a non-empty bag)."""
         b = tl.program_id(0).to(tl.int64)
         cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         col_mask = cols < dim
@@ -291,7 +356,12 @@ if triton is not None:
             vals = tl.load(table + rows[:, None] * stride_row + cols[None, :] * stride_col,
                            mask=pair_mask[:, None] & col_mask[None, :], other=0).to(tl.float32)
             acc += tl.sum(vals * w[:, None], axis=0)
-        tl.store(out + b * dim + cols, acc.to(out.dtype.element_ty), mask=col_mask)
+        total = acc.to(out.dtype.element_ty)
+        if SCATTER:
+            if end > start:
+                tl.store(out + tl.load(out_rows + b) * dim + cols, total, mask=col_mask)
+        else:
+            tl.store(out + b * dim + cols, total, mask=col_mask)
 
     @triton.jit
     def _pair_dot_kernel(table, stride_row, stride_col, indices, grad_out, stride_gt, stride_gc, out, bag, dim,

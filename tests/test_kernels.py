@@ -281,3 +281,72 @@ def test_compile_keeps_the_op_in_one_graph():
     eager = torch.autograd.grad(fn(weight, indices, weights), weight)[0]
     compiled = torch.autograd.grad(torch.compile(fn, backend="aot_eager")(weight, indices, weights), weight)[0]
     torch.testing.assert_close(compiled, eager)
+
+
+def half_table_inputs(dtype=torch.bfloat16, num_rows=50, tokens=6, bag=7, dim=12, seed=8):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randn(num_rows, dim, generator=gen).to(dtype)
+    indices = make_indices("skewed", tokens, bag, num_rows, gen).int()
+    return weight, indices, torch.rand(tokens, bag, generator=gen), torch.randn(tokens, dim, generator=gen).to(dtype)
+
+
+def no_host_reads(gm, example_inputs):
+    """A torch.compile backend that refuses graphs holding a size or value known only on the device (an
+    unbacked symbol: bincount, unique, nonzero, .item() ...), which a GPU run would sync the host to read.
+    (torch 2.13's fullgraph=True captures those as unbacked symbols rather than refusing them.)"""
+    reads = [str(node.target) for node in gm.graph.nodes if node.meta.get("unbacked_bindings")]
+    assert not reads, f"data-dependent sizes or values (host syncs): {reads}"
+    return gm.forward
+
+
+@pytest.mark.parametrize("body", ["dense", "rows"])
+def test_backward_bodies_size_nothing_from_data(body):
+    """The backward ops' bodies as they run on a GPU (torch backend; a bf16 table, so the per-sample weight
+    gradient gathers rather than using the CPU's sparse product) trace into one graph whose every size is
+    known from the input shapes: no host sync. Their results match the reference."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    weight, indices, weights, grad_out = half_table_inputs()
+    _, want_grad_weight, want_grad_weights = reference(weight, indices, weights, grad_out)
+    if body == "dense":
+        fn = torch.compile(kernels._dense_backward, fullgraph=True, backend=no_host_reads)
+        grad_weight, grad_weights = fn(weight, indices, weights, grad_out, False, "deterministic", torch.float32,
+                                       True, True)
+    else:
+        fn = torch.compile(kernels._row_backward, fullgraph=True, backend=no_host_reads)
+        rows, grads, grad_weights = fn(weight, indices, weights, grad_out, False, torch.float32, True, False)
+        count = len(indices.unique())
+        assert len(rows) == min(indices.numel(), len(weight))
+        assert torch.equal(rows[:count], indices.long().unique()) and (rows[count:] == rows[count - 1]).all()
+        assert not grads[count:].any()  # padding: repeats of the last row read that add nothing to it
+        grad_weight = torch.zeros_like(grads[:1]).expand_as(weight).clone().index_add_(0, rows, grads)
+    assert grad_weight.dtype == torch.float32  # the fp32 master's gradient from a bf16 read
+    assert_close(grad_weight, want_grad_weight, torch.bfloat16)
+    assert_close(grad_weights, want_grad_weights, torch.bfloat16)
+
+
+def test_gathered_pair_dots_in_chunks_equal_the_direct_dots():
+    """The torch backend off the CPU gathers rows for the per-sample weight gradient a few tokens at a time."""
+    weight, indices, _, grad_out = half_table_inputs(torch.float32, tokens=7, bag=5, dim=9)
+    want = (weight.double()[indices] * grad_out.double().unsqueeze(1)).sum(-1)
+    for chunk_bytes in (1, 2 * 5 * 9 * 4, 10**9):  # one token, two tokens (a short last chunk), all at once
+        assert_close(kernels._gathered_pair_dots(weight, indices, grad_out, chunk_bytes), want, torch.float32)
+
+
+@needs_triton
+def test_dense_triton_backward_launches_over_the_rows_read(monkeypatch):
+    """The sorted dense backward launches one program per row read (at most tokens * bag), not per table row."""
+    grids, kernel = [], kernels._bag_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **constexprs):
+                grids.append(grid(constexprs))
+                return kernel[grid](*args, **constexprs)
+            return launch
+    monkeypatch.setattr(kernels, "_bag_kernel", Spy())
+    weight, indices, weights, grad_out = half_table_inputs(torch.float32, num_rows=500, tokens=3, bag=4)
+    weight.requires_grad_()
+    kernels.embedding_bag(weight, indices, weights, backend="triton").backward(grad_out)
+    assert [g[0] for g in grids] == [3, 12]  # forward: a program per token; backward: per (padded) row read
+    assert_close(weight.grad, reference(weight, indices, weights, grad_out)[1], torch.float32)
