@@ -341,13 +341,16 @@ if triton is not None:
     def _bag_kernel(table, stride_row, stride_col, indices, weights, offsets, out, out_rows, dim,
                     SCATTER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """Columns cols of bag b: sum of weights[p] * table[indices[p], cols] over p in [offsets[b], offsets[b+1]),
-        stored to out[b] (SCATTER: to out[out_rows[b]], and only for a non-empty bag)."""
+        stored to out[b] (SCATTER: to out[out_rows[b]], and only for a non-empty bag).
+
+        BLOCK_K rows are gathered and accumulated as a (BLOCK_K, BLOCK_D) tile, reduced over rows once after
+        the loop, so the loads of one step never wait on a reduction of the previous one."""
         b = tl.program_id(0).to(tl.int64)
         cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)).to(tl.int64)
         col_mask = cols < dim
         start = tl.load(offsets + b)
         end = tl.load(offsets + b + 1)
-        acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
         for p in range(start, end, BLOCK_K):
             pairs = p + tl.arange(0, BLOCK_K)
             pair_mask = pairs < end
@@ -355,8 +358,8 @@ if triton is not None:
             w = tl.load(weights + pairs, mask=pair_mask, other=0).to(tl.float32)
             vals = tl.load(table + rows[:, None] * stride_row + cols[None, :] * stride_col,
                            mask=pair_mask[:, None] & col_mask[None, :], other=0).to(tl.float32)
-            acc += tl.sum(vals * w[:, None], axis=0)
-        total = acc.to(out.dtype.element_ty)
+            acc += vals * w[:, None]
+        total = tl.sum(acc, axis=0).to(out.dtype.element_ty)
         if SCATTER:
             if end > start:
                 tl.store(out + tl.load(out_rows + b) * dim + cols, total, mask=col_mask)
@@ -366,20 +369,21 @@ if triton is not None:
     @triton.jit
     def _pair_dot_kernel(table, stride_row, stride_col, indices, grad_out, stride_gt, stride_gc, out, bag, dim,
                          BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
-        """out[t, j] = dot(grad_out[t], table[indices[t, j]]) for BLOCK_K slots j of token t."""
+        """out[t, j] = dot(grad_out[t], table[indices[t, j]]) for BLOCK_K slots j of token t; products
+        accumulate as a (BLOCK_K, BLOCK_D) tile, reduced over columns once after the loop."""
         t = tl.program_id(0).to(tl.int64)
         slots = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
         slot_mask = slots < bag
         rows = tl.load(indices + t * bag + slots, mask=slot_mask, other=0).to(tl.int64)
-        acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_K, BLOCK_D), dtype=tl.float32)
         for d in range(0, dim, BLOCK_D):
             cols = (d + tl.arange(0, BLOCK_D)).to(tl.int64)
             col_mask = cols < dim
             g = tl.load(grad_out + t * stride_gt + cols * stride_gc, mask=col_mask, other=0).to(tl.float32)
             vals = tl.load(table + rows[:, None] * stride_row + cols[None, :] * stride_col,
                            mask=slot_mask[:, None] & col_mask[None, :], other=0).to(tl.float32)
-            acc += tl.sum(vals * g[None, :], axis=1)
-        tl.store(out + t * bag + slots, acc, mask=slot_mask)
+            acc += vals * g[None, :]
+        tl.store(out + t * bag + slots, tl.sum(acc, axis=1), mask=slot_mask)
 
     @triton.jit
     def _scatter_add_kernel(slots, weights, grad_out, stride_gt, stride_gc, out, bag, dim,
