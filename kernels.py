@@ -20,7 +20,12 @@ waits for the host and torch.compile keeps a memory layer in one graph (the test
 that no size or value in the graph is data-dependent). On the CPU, where a sync costs nothing, the sparse
 gradient holds exactly the rows read; embedding_bag_row_grad, which returns exactly those rows, syncs
 everywhere.
+
+Tiles: BLOCK_K rows x BLOCK_D columns per program (_blocks). MEMORY_KERNELS_AUTOTUNE=1 in the environment
+(read at import; CUDA only, never under the interpreter) autotunes BLOCK_K, BLOCK_D and num_warps instead,
+per dim and dtypes, over a small space that holds the default.
 """
+import os
 import warnings
 from typing import NamedTuple
 
@@ -36,6 +41,7 @@ except ImportError:  # CPU-only installs: the torch backend serves everything
 BACKENDS = ("auto", "triton", "torch")
 WEIGHT_GRADS = ("deterministic", "atomic")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+AUTOTUNE = os.environ.get("MEMORY_KERNELS_AUTOTUNE") == "1"
 GATHER_BYTES = 2**28  # rows gathered at a time by the torch backend's per-sample-weight gradient off the CPU
 
 
@@ -325,13 +331,14 @@ def _gathered_pair_dots(table, indices, grad_out, chunk_bytes=GATHER_BYTES):
 
 def _blocks(table):
     """Tiles of BLOCK_K rows x BLOCK_D columns: up to 1 KiB of each row per load, 16 rows in flight
-    (a guess made without a GPU to tune on)."""
+    (a guess made without a GPU to tune on; MEMORY_KERNELS_AUTOTUNE=1 searches around it)."""
     return 16, min(triton.next_power_of_2(table.shape[1]), 1024 // table.element_size())
 
 
 def _launch(kernel, grid, tiles_for, *args, **constexprs):
-    """kernel[grid](*args) with _blocks(tiles_for) tiles."""
-    constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
+    """kernel[grid](*args) with _blocks(tiles_for) tiles, or the autotuner's when it wraps the kernel."""
+    if not isinstance(kernel, triton.runtime.Autotuner):
+        constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
     kernel[grid](*args, **constexprs)
 
 
@@ -403,3 +410,9 @@ if triton is not None:
 
     from triton.runtime.interpreter import InterpretedFunction
     _INTERPRETED = isinstance(_bag_kernel, InterpretedFunction)
+    if AUTOTUNE and not _INTERPRETED:  # a small space around _blocks' default (16 rows, 1 KiB of a row, 4 warps)
+        _CONFIGS = [triton.Config({"BLOCK_K": k, "BLOCK_D": d}, num_warps=w)
+                    for k in (8, 16, 32) for d in (128, 256, 512) for w in (4, 8)]
+        _bag_kernel = triton.autotune(_CONFIGS, key=["dim", "SCATTER"])(_bag_kernel)
+        _pair_dot_kernel = triton.autotune(_CONFIGS, key=["dim", "bag"])(_pair_dot_kernel)
+        _scatter_add_kernel = triton.autotune(_CONFIGS, key=["dim", "bag"], reset_to_zero=["out"])(_scatter_add_kernel)
