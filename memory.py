@@ -24,9 +24,30 @@ class ValueTable(nn.Module):
 
     `columns` (a slice of range(v_dim)) is the part of the table this module holds: all of it here, one
     shard per rank in distributed.ShardedValueTable.
+
+    Gradients: with sparse_grad (optim.RowAdamW), or when a read has fewer tokens * heads * knn pairs than
+    ROW_GRADS_BELOW of the N rows, a read's backward yields only the rows it read (fp32 accumulation), so
+    3 layers sharing the table make no (N, v_dim) tensor each. (Larger reads touch most rows, and their
+    rows, which autograd sums by concatenation on CUDA and into merged copies on CPU, would outweigh the
+    dense (N, v_dim) gradient they then return.) After each backward a hook on `weight` makes of what
+    autograd accumulated what the optimizer takes. With sparse_grad it coalesces the rows, each once (on
+    CUDA the rows come padded and are concatenated, so .grad would otherwise grow with layers x micro-steps
+    x reads; one host sync per backward). Otherwise it adds them into one dense (N, v_dim) gradient in
+    weight's dtype, made by the first backward after the gradient was cleared; later micro-steps add into
+    it in place. Memory: that gradient, plus during a backward the rows its reads touched (min(pairs, N)
+    rows of v_dim fp32 per read). torch.autograd.grad, which skips the hook, returns a read's own gradient.
+
+    Under autocast (bf16/fp16 on the weight's device) an fp32 table is read through a copy in the
+    autocast dtype, so a read moves 2 bytes per value element (the forward, and the score gradient's
+    re-read); `weight` stays the fp32 master that gets the gradient and the update. The copy costs
+    N * v_dim * 2 bytes (1.5 GiB at 1M x 768) and one pass over the table (4 bytes read, 2 written per
+    element, about 1.5 ms on an H100 at 1M x 768) each time it is made: on the first read after a backward
+    (the optimizer is about to change the weight: so once per micro-step), a load_state_dict or
+    reset_parameters, a move, or (eager only: torch.compile cannot read tensor versions) an in-place edit.
     """
 
     INIT_ROWS = 8192  # rows drawn at a time by reset_parameters
+    ROW_GRADS_BELOW = 0.25  # reads of fewer pairs than this fraction of the rows return their rows' gradient
 
     def __init__(self, num_values, v_dim, columns=None):
         super().__init__()
@@ -35,19 +56,66 @@ class ValueTable(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_values, self.columns.stop - self.columns.start))
         self.usage = None  # while measuring: (num_values,) fp32, the summed weight each row was read with
         self.sparse_grad = False  # True: gradients hold the rows read only (for optim.RowAdamW)
+        self._copy = self._copy_version = None  # the autocast read copy and weight._version when made
+        self._hook_weight()
+        self.register_load_state_dict_post_hook(ValueTable._after_load)
         self.reset_parameters()
+
+    def __setstate__(self, state):  # deepcopy and unpickling drop tensor hooks
+        super().__setstate__(state)
+        self._hook_weight()
+
+    def _hook_weight(self):
+        self.weight.register_post_accumulate_grad_hook(self._after_backward)
+
+    def _after_backward(self, weight):
+        """The accumulated row gradients as the optimizer takes them (see the class docstring)."""
+        self._copy = None
+        grad = weight.grad
+        if not grad.is_sparse:
+            return
+        rows = grad._indices()[0]
+        if not self.sparse_grad:
+            weight.grad = grad.to_dense()
+        elif rows.device.type == "cpu" and bool((rows[1:] > rows[:-1]).all()):  # CPU rows come sorted, each once:
+            weight.grad = torch.sparse_coo_tensor(  # autograd dropped the coalesced flag; coalesce() would copy
+                grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
+        else:
+            weight.grad = grad.coalesce()
+
+    def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
+        self._copy = None
 
     @torch.no_grad()
     def reset_parameters(self):
         """N(0, v_dim**-0.5), drawn in blocks of full-width rows and cut to the held columns: every column
         layout gets the same table from the same seed, and none builds the whole table at once."""
+        self._copy = None
         for start in range(0, len(self.weight), self.INIT_ROWS):
             rows = torch.randn(min(self.INIT_ROWS, len(self.weight) - start), self.v_dim, device=self.weight.device)
             self.weight[start:start + len(rows)] = rows[:, self.columns] * self.v_dim ** -0.5
 
+    def read_copy(self):
+        """What a read reads instead of the fp32 weight under autocast: the table in the autocast dtype,
+        made when stale (see the class docstring); None when reads take the weight itself."""
+        device = self.weight.device.type
+        dtype = torch.get_autocast_dtype(device)
+        if (not torch.is_autocast_enabled(device) or self.weight.dtype != torch.float32
+                or dtype not in (torch.bfloat16, torch.float16)):
+            return None
+        eager = not torch.compiler.is_compiling()
+        copy = self._copy
+        if (copy is None or copy.dtype != dtype or copy.device != self.weight.device
+                or (eager and self._copy_version != self.weight._version)):
+            with torch.no_grad():
+                copy = self._copy = self.weight.to(dtype)
+            self._copy_version = self.weight._version if eager else None
+        return copy
+
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
-        return embedding_bag(self.weight, indices, weights, sparse_grad=self.sparse_grad)
+        rows_grad = self.sparse_grad or indices.numel() < self.ROW_GRADS_BELOW * len(self.weight)
+        return embedding_bag(self.weight, indices, weights, sparse_grad=rows_grad, read=self.read_copy())
 
     def record_usage(self, indices, weights):
         """Add a read's weights to `usage` when measuring (ProductKeyMemory calls it with its own tokens)."""

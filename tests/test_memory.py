@@ -3,7 +3,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import kernels
+import memory
 from memory import ProductKeyMemory, ValueTable, product_key_topk
+from test_kernels import no_host_reads
+
+
+def boxed_no_host_reads(gm, example_inputs):
+    from functorch.compile import make_boxed_func
+    return make_boxed_func(no_host_reads(gm, example_inputs))
 
 
 def full_keys(layer, head):
@@ -88,10 +96,11 @@ def test_forward_and_gradients_equal_gather_reference(swilu):
     torch.testing.assert_close(out, want)
 
     grad = torch.randn_like(out)
-    got = torch.autograd.grad(out, [x, values.weight, layer.sub_keys, layer.query.weight], grad)
-    ref = torch.autograd.grad(want, [x, values.weight, layer.sub_keys, layer.query.weight], grad)
-    for g, r in zip(got, ref):
-        torch.testing.assert_close(g, r)
+    params = [x, values.weight, layer.sub_keys, layer.query.weight]
+    ref = torch.autograd.grad(want, params, grad)
+    out.backward(grad)  # the table's .grad is dense, as dense AdamW takes it
+    for p, r in zip(params, ref):
+        torch.testing.assert_close(p.grad, r)
 
 
 def test_official_initialisation_with_zero_biases():
@@ -114,6 +123,120 @@ def test_search_stays_fp32_under_autocast():
         s1, _ = layer.half_scores(*layer.queries_and_keys(x))
         _, weights = layer.lookup(x)
     assert s1.dtype == torch.float32 and weights.dtype == torch.float32
+
+
+def dense_reference_grad(table, reads, grads):
+    """The table gradient of several reads (one backward each), by F.embedding_bag in fp64."""
+    weight = table.detach().double().requires_grad_()
+    for (indices, weights), grad in zip(reads, grads):
+        F.embedding_bag(indices, weight, per_sample_weights=weights.double(), mode="sum").backward(grad.double())
+    return weight.grad
+
+
+@pytest.mark.parametrize("gpu_form", [True, False], ids=["gpu-form", "cpu-form"])
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-rows"])
+def test_gradients_of_layers_x_micro_steps_stay_bounded_by_the_rows_read(monkeypatch, sparse, gpu_form):
+    """3 reads of one table per backward, 4 backwards (micro-steps). In the GPU's form (padded, uncoalesced
+    row gradients, which CUDA autograd sums by concatenation; forced here) as in the CPU's, .grad must hold
+    each row read once (sparse) or be one dense tensor (dense), equal to F.embedding_bag's; a single read's
+    own gradient holds its rows only, never an (N, v_dim) tensor."""
+    if gpu_form:
+        monkeypatch.setattr(kernels, "_sync_free", lambda t: True)
+    torch.manual_seed(10)
+    values = ValueTable(200, 6)
+    values.sparse_grad = sparse
+    reads = [(torch.randint(0, 200, (5, 4)), torch.rand(5, 4)) for _ in range(12)]
+    grads = [torch.randn(5, 6) for _ in reads]
+    one_read = torch.autograd.grad((values(*reads[0]) * grads[0]).sum(), values.weight)[0]
+    assert one_read.is_sparse and one_read._nnz() == (20 if gpu_form else len(reads[0][0].unique()))  # not 200
+    for step in range(4):
+        sum((values(*read) * grad).sum() for read, grad in zip(reads[3 * step:3 * step + 3],
+                                                               grads[3 * step:3 * step + 3])).backward()
+    read_rows = torch.cat([i.flatten() for i, _ in reads]).unique()
+    grad = values.weight.grad
+    assert grad.dtype == torch.float32 and grad.is_sparse == sparse
+    if sparse:
+        assert grad.is_coalesced() and torch.equal(grad.indices()[0], read_rows)
+        grad = grad.to_dense()
+    torch.testing.assert_close(grad.double(), dense_reference_grad(values.weight, reads, grads))
+
+
+def test_copied_tables_keep_their_gradient_hook():
+    """deepcopy and pickling drop tensor hooks: a copied table must still give dense AdamW a dense gradient."""
+    import copy
+    import pickle
+    values = ValueTable(100, 4)
+    for clone in (copy.deepcopy(values), pickle.loads(pickle.dumps(values))):
+        clone(torch.randint(0, 100, (2, 3)), torch.rand(2, 3)).sum().backward()  # 6 pairs: a row gradient
+        assert clone.weight.grad.layout == torch.strided
+
+
+def test_reads_under_autocast_move_bf16_and_train_the_fp32_master(monkeypatch):
+    """Under bf16 autocast every read of a step reads one bf16 copy of the table (2 bytes per element),
+    returns bf16, and the fp32 weight gets an fp32 gradient equal to the fp32 computation's within bf16
+    tolerance; the copy is remade after a backward and after an in-place edit of the weight."""
+    torch.manual_seed(11)
+    values = ValueTable(40, 16)
+    tables_read, real = [], memory.embedding_bag
+    monkeypatch.setattr(memory, "embedding_bag",
+                        lambda *args, read=None, **kw: tables_read.append(read) or real(*args, read=read, **kw))
+    reads = [(torch.randint(0, 40, (6, 5)), torch.rand(6, 5, requires_grad=True)) for _ in range(3)]
+    grads = [torch.randn(6, 16) for _ in reads]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = [values(*read) for read in reads]
+    assert all(t is tables_read[0] and t.dtype == torch.bfloat16 for t in tables_read)  # one copy, made once
+    assert torch.equal(tables_read[0], values.weight.detach().bfloat16())
+    assert all(out.dtype == torch.bfloat16 for out in outs)
+    sum((out.float() * grad).sum() for out, grad in zip(outs, grads)).backward()
+    weight = values.weight.detach().double().requires_grad_()
+    want = [F.embedding_bag(i, weight, per_sample_weights=w.detach().double(), mode="sum") for i, w in reads]
+    for out, w in zip(outs, want):
+        torch.testing.assert_close(out.double(), w.detach(), rtol=0, atol=3e-2 * w.abs().max().item())
+    sum((w * grad.double()).sum() for w, grad in zip(want, grads)).backward()
+    assert values.weight.grad.dtype == torch.float32 and not values.weight.grad.is_sparse
+    torch.testing.assert_close(values.weight.grad.double(), weight.grad, rtol=0, atol=3e-2 * weight.grad.abs().max())
+    for (i, w), grad in zip(reads, grads):
+        ref = (weight.detach()[i] * grad.double().unsqueeze(1)).sum(-1)
+        assert w.grad.dtype == torch.float32
+        torch.testing.assert_close(w.grad.double(), ref, rtol=0, atol=3e-2 * ref.abs().max().item())
+
+    assert values._copy is None  # dropped by the backward: the optimizer will change the weight
+    with torch.no_grad():
+        values.weight.mul_(2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        first = values.read_copy()
+        with torch.no_grad():
+            values.weight.add_(1)
+        assert torch.equal(values.read_copy(), values.weight.detach().bfloat16()) and first is not values._copy
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-rows"])
+def test_layer_forward_and_backward_compile_in_one_graph_without_host_syncs(sparse):
+    """A memory layer reading a ValueTable: forward and backward trace into one graph each (fullgraph), with
+    no size or value the host must read, and give eager's output and gradients."""
+    import torch._dynamo
+    from torch._dynamo.backends.common import aot_autograd
+    torch._dynamo.reset()
+    torch.manual_seed(12)
+    layer = ProductKeyMemory(dim=16, n_keys=8, heads=2, knn=4, k_dim=8, v_dim=16)
+    values = ValueTable(64, 16)
+    values.sparse_grad = sparse
+    x = torch.randn(10, 16)
+    params = [values.weight, *layer.parameters()]
+
+    def step(x):
+        return layer(x, values).square().sum()
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=boxed_no_host_reads,
+                                                                                  bw_compiler=boxed_no_host_reads))):
+        for p in params:
+            p.grad = None
+        loss = fn(x)
+        loss.backward()
+        results.append([loss.detach()] + [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params])
+        assert values.weight.grad.is_sparse == sparse
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager)
 
 
 def test_usage_stats_on_known_distributions():
