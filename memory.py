@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from kernels import embedding_bag
 
+SEARCH_DTYPES = {"cuda": torch.bfloat16}  # operands of the fp32 search's score products, by device type
+
 
 class ValueTable(nn.Module):
     """The memory's values: (n_keys**2, v_dim) rows, read a few at a time by the memory layers.
@@ -207,12 +209,16 @@ class ProductKeyMemory(nn.Module):
 
     @staticmethod
     def half_scores(q, keys):
-        """Every query half against every sub-key of its half: two (tokens, heads, n_keys).
+        """Every query half against every sub-key of its half: two (tokens, heads, n_keys), in q's dtype.
 
-        Two products rather than one over both halves: slicing that one's output costs its backward a
-        zero-filled (tokens, heads, 2, n_keys) gradient."""
-        with torch.autocast(q.device.type, enabled=False):  # keep the search in fp32 under autocast
-            return tuple(torch.einsum("thk,hnk->thn", q[:, :, half], keys[:, half]) for half in (0, 1))
+        fp32 scores come from SEARCH_DTYPES[device] operands (CUDA: bf16, on tensor cores, accumulated
+        in fp32, the scores rounded to bf16; the top-k is exact for those scores), exactly fp32 elsewhere,
+        whatever autocast says. Two products rather than one over both halves: slicing that one's output
+        costs its backward a zero-filled (tokens, heads, 2, n_keys) gradient."""
+        dtype = SEARCH_DTYPES.get(q.device.type, q.dtype) if q.dtype == torch.float32 else q.dtype
+        with torch.autocast(q.device.type, enabled=False):
+            return tuple(torch.einsum("thk,hnk->thn", q[:, :, half].to(dtype), keys[:, half].to(dtype)).to(q.dtype)
+                         for half in (0, 1))
 
     def lookup(self, x):
         """The rows each token reads and their weights: two (tokens, heads*knn), indices int64, weights fp32.

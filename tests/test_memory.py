@@ -116,13 +116,34 @@ def test_official_initialisation_with_zero_biases():
 
 
 def test_search_stays_fp32_under_autocast():
+    """On the CPU the search is exactly fp32 whatever autocast says."""
     torch.manual_seed(5)
     layer = ProductKeyMemory(dim=16, n_keys=8, heads=2, knn=3, k_dim=8, v_dim=16)
     x = torch.randn(6, 16)
+    q, keys = layer.queries_and_keys(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        s1, _ = layer.half_scores(*layer.queries_and_keys(x))
+        s1, _ = layer.half_scores(q, keys)
         _, weights = layer.lookup(x)
     assert s1.dtype == torch.float32 and weights.dtype == torch.float32
+    assert torch.equal(s1, torch.einsum("thk,hnk->thn", q[:, :, 0], keys[:, 0]))
+
+
+def test_tensor_core_search_is_exact_for_the_scores_it_computes(monkeypatch):
+    """CUDA's search scores with bf16 operands (SEARCH_DTYPES); forced on the CPU here: fp32 scores equal to
+    the product of the bf16-rounded operands, and the top-k equals brute force over those scores."""
+    monkeypatch.setitem(memory.SEARCH_DTYPES, "cpu", torch.bfloat16)
+    torch.manual_seed(9)
+    layer = ProductKeyMemory(dim=16, n_keys=12, heads=2, knn=5, k_dim=8, v_dim=16)
+    x = torch.randn(30, 16)
+    q, keys = layer.queries_and_keys(x)
+    s1, s2 = layer.half_scores(q, keys)
+    want_s1 = torch.einsum("thk,hnk->thn", q[:, :, 0].bfloat16(), keys[:, 0].bfloat16()).float()
+    assert s1.dtype == torch.float32 and torch.equal(s1, want_s1)
+    assert not torch.equal(s1, torch.einsum("thk,hnk->thn", q[:, :, 0], keys[:, 0]))  # the bf16 path did run
+    indices, _ = layer.lookup(x)
+    full = (s1.unsqueeze(-1) + s2.unsqueeze(-2)).flatten(-2)
+    chosen = full.gather(-1, indices.long().view(30, 2, 5))
+    torch.testing.assert_close(chosen, full.topk(5, dim=-1).values, rtol=0, atol=0)
 
 
 def dense_reference_grad(table, reads, grads):
