@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 
 from errors import ConfigError
+from finetune import FINETUNE_MODES
 from model import GPTConfig
 
 
@@ -56,6 +57,14 @@ class TrainConfig:
     seed: int = 1337  # weights' initialisation and the order of batches
     mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
     vocab_multiple: int = 1  # the model's vocabulary rounded up to a multiple of this (64 suits GPU matmuls)
+    # finetuning a trained model (finetune.py, docs/method.md section 6)
+    finetune: str = "full"  # what trains: 'full' (every weight), 'lora', 'values' (the value tables), 'smf'
+    optimizer: str = "adamw"  # 'adamw', or 'sgd' (plain SGD, no momentum: the sparse memory finetuning paper's)
+    lora_rank: int = 8  # rank of the adapters on the attention and dense FFN projections (finetune='lora')
+    smf_rows: int = 500  # value rows per table updated each step: the batch's top rows by tf-idf (finetune='smf')
+    smf_background_batches: int = 50  # pretraining batches whose reads give each row's idf (finetune='smf')
+    smf_background_dataset: str = ""  # those batches' dataset ('': the one the init_from checkpoint trained on)
+    facts_retain_dataset: str = ""  # another dataset whose val loss and facts are also scored at each eval (retain_*)
 
 
 MODEL_KEYS = [f.name for f in fields(GPTConfig) if f.name != "vocab_size"]  # vocab_size comes from the data
@@ -68,7 +77,8 @@ def one_of(*choices):
 
 RULES = {  # key: (test of its value in the whole config, the allowed values in words, filled from the config)
     **{k: (lambda v, c: v >= 1, "at least 1") for k in (
-        "batch_size", "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel")},
+        "batch_size", "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel",
+        "lora_rank", "smf_rows", "smf_background_batches")},
     **{k: (lambda v, c: v >= 0, "at least 0") for k in (
         "max_iters", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip", "mem_value_grad_clip")},
     **{k: (lambda v, c: v > 0, "above 0") for k in ("learning_rate", "mem_value_lr", "rope_theta", "norm_eps")},
@@ -78,6 +88,11 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
     "lr_decay_iters": (lambda v, c: v == 0 or v >= c["warmup_iters"],
                        "0 (decay until max_iters) or at least warmup_iters={warmup_iters}"),
     "nonfinite": one_of("stop", "skip"),
+    "optimizer": one_of("adamw", "sgd"),
+    "finetune": (lambda v, c: v in FINETUNE_MODES and (v == "full" or c["init_from"] != "scratch")
+                 and not (v == "lora" and c["init_from"] == "resume"),
+                 " or ".join(map(repr, FINETUNE_MODES)) + "; all but 'full' finetune a trained model (init_from=its "
+                 "out_dir), and 'lora' cannot resume (its checkpoints hold the merged weights)"),
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "device": (lambda v, c: DEVICE_NAME.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("dataset", "data_dir", "out_dir", "init_from")},

@@ -156,16 +156,16 @@ class Parallel:
         DDP ignores the buffers too: they are rotary tables, computed alike on every rank, and
         broadcasting them each forward would only cost time (and break torch.compile's graph).
         """
-        if self.world == 1:
-            return model
         ignored = [name for name, _ in model.value_parameters()]
+        if self.world == 1 or not any(p.requires_grad for n, p in model.named_parameters() if n not in ignored):
+            return model  # one process, or only the tables train (finetune 'values', 'smf'): nothing to average
         ignored += [name for name, _ in model.named_buffers()]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
         return DistributedDataParallel(model, device_ids=[self.device] if self.device.type == "cuda" else None)
 
     def sync(self, wrapped, last_micro_step):
         """Context for a micro-step's forward and backward: DDP averages gradients on the last one only."""
-        return nullcontext() if self.world == 1 or last_micro_step else wrapped.no_sync()
+        return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) and not last_micro_step else nullcontext()
 
     def average_value_grads(self, params):
         """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank).
@@ -175,7 +175,7 @@ class Parallel:
         """
         if self.world == 1:
             return
-        for p in params:
+        for p in (p for p in params if p.grad is not None):  # a frozen table (finetune='lora') has none
             p.grad.div_(self.world)
             if self.replica_group is not None and p.grad.is_sparse:
                 p.grad = gather_rows(p.grad, self.replica_group)

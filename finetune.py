@@ -194,6 +194,17 @@ def merge_lora(model):
     return model
 
 
+def merged_state(state, model):
+    """The state dict `state` of model, adapters folded into their Linears: a plain GPT's, as checkpoints
+    and sample.py want it, without copying the model."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoRALinear):
+            weight = state.pop(f"{name}.base.weight")
+            delta = state.pop(f"{name}.lora_b") @ state.pop(f"{name}.lora_a")
+            state[f"{name}.weight"] = weight + module.scale * delta
+    return state
+
+
 def prepare(model, mode, lora_rank=8, lora_alpha=None):
     """Freeze the model for a finetuning mode and return the parameters to optimise: every one ("full"),
     the value tables ("values", "smf": smf's row masking is SparseMemoryFinetune's), or new adapters ("lora")."""

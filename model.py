@@ -357,7 +357,8 @@ class GPT(nn.Module):
              "weight_decay": weight_decay, "peak_lr": learning_rate},
             {"name": "no_decay", "params": [p for p in others if id(p) in no_decay],
              "weight_decay": 0.0, "peak_lr": learning_rate},
-            {"name": self.VALUE_GROUP, "params": values, "weight_decay": weight_decay, "peak_lr": value_lr},
+            {"name": self.VALUE_GROUP, "params": [p for p in values if p.requires_grad], "weight_decay": weight_decay,
+             "peak_lr": value_lr},
         ]
         for g in groups:
             g["lr"] = g["peak_lr"]

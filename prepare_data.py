@@ -3,7 +3,7 @@
     python prepare_data.py shakespeare [--input PATH] [--tokenizer compact|gpt2|char]
     python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ...]
     python prepare_data.py fineweb_edu --num_tokens N [--input JSONL ...] [--shard_tokens S] [--val_tokens V]
-    python prepare_data.py facts [--n_entities N] [--seed S] [--attributes A,B,...] [--tokenizer ...]
+    python prepare_data.py facts [--n_entities N] [--new_entities M] [--seed S] [--attributes A,B,...] [--tokenizer ...]
 
 fineweb_edu streams HuggingFaceFW/fineweb-edu from the Hugging Face hub (`pip install datasets`, needed
 for that alone), or reads local jsonl files with the same "text" field, and writes GPT-2 ids in numbered
@@ -37,17 +37,20 @@ SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/da
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 
 
-def tokenize(text, kind):
-    """(token ids as uint16, meta fields) for a whole corpus."""
+def tokenize(text, kind, vocab_text=""):
+    """(token ids as uint16, meta fields) for a whole corpus. The char and compact vocabularies also cover
+    vocab_text: datasets written with the same vocab_text share one vocabulary (a model trained on one
+    can be finetuned on the other)."""
     if kind == "char":
-        chars = sorted(set(text))
+        chars = sorted(set(text) | set(vocab_text))
         lookup = {c: i for i, c in enumerate(chars)}
         return np.array([lookup[c] for c in text], dtype=np.uint16), {"vocab_size": len(chars), "chars": chars}
-    ids = np.array(gpt2_encoding().encode_ordinary(text), dtype=np.uint16)
+    encoding = gpt2_encoding()
+    ids = np.array(encoding.encode_ordinary(text), dtype=np.uint16)
     if kind == "gpt2":
         return ids, {"vocab_size": 50257}
-    used, remapped = np.unique(ids, return_inverse=True)
-    return remapped.astype(np.uint16), {"vocab_size": len(used), "compact_ids": used.tolist()}
+    used = np.unique(np.concatenate([ids, np.array(encoding.encode_ordinary(vocab_text), dtype=np.uint16)]))
+    return np.searchsorted(used, ids).astype(np.uint16), {"vocab_size": len(used), "compact_ids": used.tolist()}
 
 
 def dataset_files(folder):
@@ -81,17 +84,19 @@ def write_meta(folder, meta):
         json.dump(meta, f)
 
 
-def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None, extra=None):
+def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None, extra=None,
+                  vocab_text=""):
     """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta.
 
     With val_text, text is all train and val_text all val, in one vocabulary (text should end where a
     token ends, e.g. with a newline before a letter, for the split to fall exactly between them).
     extra(folder, meta) writes more files of the dataset, which replace the old ones with the rest.
+    vocab_text: more text the vocabulary must cover (tokenize).
     """
-    ids, fields = tokenize(text + (val_text or ""), kind)
+    ids, fields = tokenize(text + (val_text or ""), kind, vocab_text)
     if len(ids) < 2:
         raise ValueError(f"the corpus for '{name}' holds {len(ids)} tokens: nothing to train on")
-    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind)[0])
+    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind, vocab_text)[0])
     meta = {"name": name, "tokenizer": kind, **fields, "train_tokens": split, "val_tokens": len(ids) - split,
             "source": source}
     with staged(data_dir, name) as out:
@@ -103,16 +108,27 @@ def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0
     return meta
 
 
-def write_facts(n_entities, seed, attributes, kind, name="facts", data_dir="data"):
+def write_facts(n_entities, seed, attributes, kind, name="facts", data_dir="data", new_entities=0):
     """data_dir/name: the knowledge base of facts.py as bins and meta.json (write_dataset), and its eval.json;
-    returns meta."""
-    kb = facts.make_facts(n_entities, seed, tuple(attributes))
-    train, val = facts.knowledge_text(kb, seed)
-    source = f"facts.py: {n_entities} entities, attributes {','.join(attributes)}, seed {seed}"
-
-    def write_eval(folder, meta):
-        facts.write_eval(kb, seed, Tokenizer(meta), os.path.join(folder, facts.EVAL_FILE))
-    return write_dataset(train, name, kind, data_dir, source, val_text=val, extra=write_eval)
+    returns meta. With new_entities, also data_dir/name_new: a second knowledge base of that many other
+    people (no name of the first), in the same vocabulary, to finetune a model of the first on."""
+    kbs = {name: facts.make_facts(n_entities, seed, tuple(attributes))}
+    if new_entities:
+        kbs[f"{name}_new"] = facts.make_facts(new_entities, seed + 1, tuple(attributes),
+                                              exclude={person for person, _ in kbs[name]})
+    texts = {n: facts.knowledge_text(kb, seed) for n, kb in kbs.items()}
+    vocab_text = "".join(train + val for train, val in texts.values()) if new_entities else ""
+    metas = []
+    for n, kb in kbs.items():
+        def write_eval(folder, meta, kb=kb):
+            facts.write_eval(kb, seed, Tokenizer(meta), os.path.join(folder, facts.EVAL_FILE))
+        source = f"facts.py: {len(kb)} entities, attributes {','.join(attributes)}, seed {seed}"
+        if n != name:
+            source += f", none of them in '{name}'"
+        train, val = texts[n]
+        metas.append(write_dataset(train, n, kind, data_dir, source, val_text=val, extra=write_eval,
+                                   vocab_text=vocab_text))
+    return metas[0]
 
 
 def read_text(paths):
@@ -268,6 +284,8 @@ def main(argv=None):
             p.add_argument("--n_entities", type=int, default=facts.DEFAULT_ENTITIES, help="people in the knowledge base")
             p.add_argument("--attributes", default=",".join(facts.ATTRIBUTES), help="comma-separated; everyone has all")
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--new_entities", type=int, default=0, help="also NAME_new: that many other people in "
+                           "the same vocabulary, new facts to finetune on")
     p = sub.add_parser("fineweb_edu")
     p.add_argument("--num_tokens", type=count, required=True, help="tokens to write, validation included (1e9 works)")
     p.add_argument("--val_tokens", type=count, help="the first ones, for validation (default: a tenth, at most 10M)")
@@ -289,8 +307,10 @@ def main(argv=None):
                                 val_tokens, args.shard_tokens, source)
         elif args.corpus == "facts":
             name = args.name
+            if args.new_entities < 0:
+                raise ValueError(f"--new_entities={args.new_entities} must be 0 (none) or more")
             meta = write_facts(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer, name,
-                               args.data_dir)
+                               args.data_dir, args.new_entities)
         else:
             if args.corpus == "shakespeare":
                 text, source = shakespeare_text(args.input, args.data_dir)

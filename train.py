@@ -27,6 +27,7 @@ from config import gpt_config, load_config, pick_device, pick_dtype, usage
 from data import batch_generator, get_batch, load_dataset
 from errors import ConfigError, NumericsError, UserError
 from facts import describe_scores, load_eval, score_facts
+from finetune import SparseMemoryFinetune, document_frequency, inverse_document_frequency, merged_state, prepare
 from memory import usage_stats
 from model import GPT
 from optim import RowAdamW, clip_grad_norm_
@@ -86,15 +87,21 @@ class Logger:
     def __init__(self, out_dir):
         self.path = os.path.join(out_dir, "log.jsonl")
         if os.path.exists(self.path):  # drop a line cut short by a crash, so every line parses
-            with open(self.path, "rb+") as f:
-                text = f.read()
-                f.truncate(text.rfind(b"\n") + 1)
+            self.write("rb+", lambda f: f.truncate(f.read().rfind(b"\n") + 1))
 
     def __call__(self, event, message=None, **fields):
         if message:
             print(message, flush=True)
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n")
+        line = json.dumps({"event": event, "time": round(time.time(), 3), **fields}) + "\n"
+        self.write("a", lambda f: f.write(line))
+
+    def write(self, mode, action):
+        """action(the log opened in mode); a write that fails (a full disk) is one line naming the file."""
+        try:
+            with open(self.path, mode) as f:
+                action(f)
+        except OSError as e:
+            raise UserError(f"cannot write {self.path}: {e.strerror}: free disk space or choose another out_dir")
 
 
 def duration(seconds):
@@ -105,9 +112,10 @@ def duration(seconds):
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-def evaluate(model, step_model, splits, config, device, autocast, par, facts_sample, iter_num):
+def evaluate(model, step_model, splits, config, device, autocast, par, facts_sample, iter_num, retain=None):
     """Losses on both splits (through step_model, the wrapped model), the value tables' usage and fact
-    scores: (console line, log fields)."""
+    scores: (console line, log fields). retain: (splits, facts sample) of facts_retain_dataset, scored too
+    and logged with the prefix retain_ (what a finetuned model still knows)."""
     t0 = time.time()
     fields = estimate_loss(step_model, splits, config, device, autocast, par, model.values)
     message = f"train loss {fields['train']:.4f}, val loss {fields['val']:.4f}"
@@ -117,6 +125,14 @@ def evaluate(model, step_model, splits, config, device, autocast, par, facts_sam
         with autocast:
             fields.update(score_facts(model, facts_sample, device))
         message += describe_scores(fields)
+    if retain:
+        kept = {"val_loss": estimate_loss(step_model, retain[0], config, device, autocast, par, [])["val"]}
+        message += f"; {config['facts_retain_dataset']}: val loss {kept['val_loss']:.4f}"
+        if retain[1]:
+            with autocast:
+                kept.update(score_facts(model, retain[1], device))
+            message += describe_scores(kept)
+        fields.update({f"retain_{k}": v for k, v in kept.items()})
     seconds = time.time() - t0
     fields = {"iter": iter_num, "train_loss": fields.pop("train"), "val_loss": fields.pop("val"), **fields,
               "eval_s": seconds}
@@ -133,6 +149,39 @@ def run_details(config, device, dtype, world):
     return {"config": config, "torch": torch.__version__, "triton": triton_version,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "dtype": str(dtype).removeprefix("torch."), "command": [sys.executable, *sys.argv], "world": world}
+
+
+def same_vocabulary(meta, other):
+    return all(meta.get(k) == other.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids"))
+
+
+def retained(config, meta):
+    """(val split, facts sample) of facts_retain_dataset, which must share the run's vocabulary; None unset."""
+    name = config["facts_retain_dataset"]
+    if not name:
+        return None
+    splits, other = load_dataset(config["data_dir"], name, config["block_size"])
+    if not same_vocabulary(meta, other):
+        raise ConfigError(f"facts_retain_dataset '{name}' has another vocabulary than dataset '{config['dataset']}': "
+                          "write both with one prepare_data.py command (facts --new_entities)")
+    sample = load_eval(os.path.join(config["data_dir"], name), config["facts_eval_size"], meta["vocab_size"])
+    return {"val": splits["val"]}, sample
+
+
+def sparse_finetune(model, checkpoint, config, device, par):
+    """finetune='smf': the row selection of finetune.SparseMemoryFinetune, with each row's idf from
+    smf_background_batches batches of the pretraining data (the dataset the checkpoint trained on, or
+    smf_background_dataset), read with the checkpoint's weights. The dataset is recorded in config, so a
+    resumed run reads the same one."""
+    name = (config["smf_background_dataset"] or checkpoint["config"].get("smf_background_dataset")
+            or checkpoint["config"]["dataset"])
+    config["smf_background_dataset"] = name
+    data = load_dataset(config["data_dir"], name, config["block_size"])[0]["train"]
+    generator = torch.Generator().manual_seed(config["seed"] + 1)
+    batches = (get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank, par.world)
+               for _ in range(config["smf_background_batches"]))
+    idf = inverse_document_frequency(*document_frequency(model, batches, par.sum))
+    return SparseMemoryFinetune(model, idf, config["smf_rows"], par.sum)
 
 
 def starting_point(config, model_config, meta):
@@ -152,7 +201,7 @@ def starting_point(config, model_config, meta):
         raise ConfigError(f"init_from={folder!r} is not a folder: use 'scratch', 'resume' or another run's out_dir")
     checkpoint, source = load_latest(os.path.join(folder, "ckpt.pt"), keys=STATE if resume else WEIGHTS)
     old_meta = checkpoint.get("meta", {})
-    if any(old_meta.get(k) != meta.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids")):
+    if not same_vocabulary(old_meta, meta):
         raise ConfigError(f"{source} was trained on a {old_meta.get('tokenizer')} vocabulary of "
                           f"{old_meta.get('vocab_size')} ids ({old_meta.get('name')}) but dataset "
                           f"'{config['dataset']}' has a {meta.get('tokenizer')} vocabulary of {meta.get('vocab_size')}: "
@@ -192,9 +241,16 @@ class StopRequest:
 
 def make_optimizers(model, config, device):
     """{"optimizer": AdamW} over every parameter group (model.optimizer_groups), or with mem_sparse_update
-    AdamW without the value tables plus {"value_optimizer": RowAdamW} over them (touched rows only)."""
+    AdamW without the value tables plus {"value_optimizer": RowAdamW} over them (touched rows only); with
+    optimizer='sgd', {"optimizer": SGD} over every group."""
     groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
     betas = (config["beta1"], config["beta2"])
+    for g in groups:  # SGD takes sparse row gradients undecayed only; dense decay would move rows smf must keep
+        if g["name"] == model.VALUE_GROUP and (config["optimizer"] == "sgd" or config["finetune"] == "smf"
+                                               and not config["mem_sparse_update"]):
+            g["weight_decay"] = 0.0
+    if config["optimizer"] == "sgd":  # plain SGD on every group, dense or sparse row gradients alike
+        return {"optimizer": torch.optim.SGD(groups)}
     value_groups = [g for g in groups if g["name"] == model.VALUE_GROUP] if config["mem_sparse_update"] else []
     dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
     optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")}
@@ -219,6 +275,7 @@ def run(config, held):
     splits, meta = load_dataset(config["data_dir"], config["dataset"], config["block_size"])
     facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"],
                              meta["vocab_size"])
+    retain = retained(config, meta)
     ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
     model_config = gpt_config(config, meta["vocab_size"])
     par = distributed.setup(config["mem_parallel"], device, model_config)
@@ -237,6 +294,8 @@ def run(config, held):
         model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
     for table in model.values:
         table.sparse_grad = config["mem_sparse_update"]
+    smf = sparse_finetune(model, checkpoint, config, device, par) if config["finetune"] == "smf" else None
+    prepare(model, config["finetune"], config["lora_rank"])  # freezes what this finetune mode does not train
     optimizers = make_optimizers(model, config, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
@@ -260,7 +319,7 @@ def run(config, held):
     log = Logger(config["out_dir"]) if par.is_main else lambda *args, **fields: None
     if config["eval_only"]:
         message, fields = evaluate(model, step_model, splits, config, device, autocast, par, facts_sample,
-                                   start_iter)
+                                   start_iter, retain)
         log("eval", f"{ckpt_source}: {message}", checkpoint=ckpt_source, **fields)
         return model
     counts = model.param_counts()
@@ -281,6 +340,8 @@ def run(config, held):
 
         def write():  # on rank 0; a failed write (a full disk) stops every rank alike
             if par.is_main:
+                if config["finetune"] == "lora":
+                    state["model"] = merged_state(state["model"], model)
                 save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
                                  "iter_num": iter_num, "val_loss": val_loss, "rng_state": torch.get_rng_state()},
                                 ckpt_path)
@@ -296,7 +357,7 @@ def run(config, held):
                     g["lr"] = g["peak_lr"] * factor
             if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
                 message, fields = evaluate(model, step_model, splits, config, device, autocast, par,
-                                           facts_sample, iter_num)
+                                           facts_sample, iter_num, retain)
                 log("eval", message, **fields)
                 if iter_num > start_iter or not resume:
                     save(iter_num, fields["val_loss"])
@@ -316,6 +377,8 @@ def run(config, held):
                     scaler.scale(loss).backward()
                 loss_sum += loss.detach()
             par.average_value_grads(value_params)
+            if smf:
+                smf.mask_gradients()
             loss_sum = par.mean(loss_sum)  # with the norms below, the same on every rank: all take the same branch
             for optimizer in optimizers.values():
                 scaler.unscale_(optimizer)

@@ -232,3 +232,49 @@ def test_a_second_knowledge_base_has_new_people_with_the_same_attributes():
     lasts = {(a + e).capitalize() for a in facts.FIRST_SYLLABLES for e in facts.LAST_ENDINGS}
     with pytest.raises(ValueError, match="names left after excluding"):
         facts.make_facts(1, seed=0, exclude=[f"{f} {l}" for f in firsts for l in lasts])
+
+
+def test_train_py_smf_changes_only_value_rows_and_scores_what_is_retained(char_data_dir, tmp_path):
+    """Through train.py: finetune='smf' with SGD leaves every weight but the table bit-identical, changes at
+    most smf_rows rows per step, and logs the retained dataset's scores at each eval."""
+    from conftest import config_for, read_log
+    from train import train
+    common = dict(memory_layers=(1,), mem_n_keys=16, eval_interval=2, log_interval=1)
+    train(config_for(char_data_dir, tmp_path / "base", max_iters=2, **common))
+    train(config_for(char_data_dir, tmp_path / "smf", max_iters=2, init_from=str(tmp_path / "base"), finetune="smf",
+                     optimizer="sgd", smf_rows=5, smf_background_batches=2, mem_value_lr=1.0,
+                     facts_retain_dataset="tiny", **common))
+    before = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "smf" / "ckpt.pt", weights_only=True)["model"]
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed == ["values.0.weight"]
+    rows = (before["values.0.weight"] != after["values.0.weight"]).any(dim=1).sum()
+    assert 0 < rows <= 2 * 5
+    evals = read_log(tmp_path / "smf", "eval")
+    assert all("retain_val_loss" in e for e in evals)
+    assert evals[0]["retain_val_loss"] == pytest.approx(evals[0]["val_loss"], abs=1e-6)  # the same data here
+
+
+def test_train_py_lora_checkpoints_load_as_a_plain_gpt(char_data_dir, tmp_path):
+    from conftest import config_for, run
+    from train import train
+    train(config_for(char_data_dir, tmp_path / "base", max_iters=2, eval_interval=2, memory_layers=(1,)))
+    train(config_for(char_data_dir, tmp_path / "lora", max_iters=3, eval_interval=3, memory_layers=(1,),
+                     init_from=str(tmp_path / "base"), finetune="lora", lora_rank=2, learning_rate=1e-2))
+    before = torch.load(tmp_path / "base" / "ckpt.pt", weights_only=True)["model"]
+    after = torch.load(tmp_path / "lora" / "ckpt.pt", weights_only=True)["model"]
+    assert set(before) == set(after)  # merged: no adapter keys
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("attn.qkv.weight", "attn.proj.weight", "ffn.w1.weight", "ffn.w2.weight",
+                                       "ffn.w3.weight")) for k in changed)
+    assert "blocks.1.ffn.query.weight" not in changed and "values.0.weight" not in changed
+    result = run("sample.py", f"--out_dir={tmp_path / 'lora'}", "--max_new_tokens=5", "--num_samples=1")
+    assert result.returncode == 0, result.stderr
+
+
+def test_finetuning_modes_need_a_trained_model(char_data_dir, tmp_path):
+    from conftest import run
+    result = run("train.py", f"--data_dir={char_data_dir}", "--dataset=tiny", f"--out_dir={tmp_path}",
+                 "--finetune=smf")
+    assert result.returncode == 1 and result.stderr.startswith("error: finetune='smf' must be")
+    assert "init_from" in result.stderr and result.stderr.count("\n") == 1
