@@ -110,6 +110,7 @@ CASES = [
     pytest.param("out-dir-not-writable", "train.py", TRAIN, unwritable, ["cannot write in out_dir", "Permission"],
                  marks=pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")),
     ("out-dir-in-use", "train.py", TRAIN, busy, ["in use by the run of pid", str(os.getpid())]),
+    ("log-not-writable", "train.py", TRAIN, write("run/log.jsonl/notes.txt", "mine"), ["log.jsonl", "directory"]),
     ("scratch-over-a-checkpoint", "train.py", TRAIN, trained, ["holds the checkpoint", "--init_from=resume",
                                                                "--overwrite=True"]),
     ("resume-below-max-iters", "train.py", TRAIN + ["--init_from=resume", "--max_iters=1"], trained,

@@ -70,6 +70,20 @@ def test_writing_again_replaces_every_shard(jsonl, tmp_path):
     assert sorted(os.listdir(tmp_path / "fineweb_edu")) == ["meta.json", "train_000000.bin", "val_000000.bin"]
 
 
+def test_bad_input_midway_keeps_the_dataset_it_would_replace(jsonl, tmp_path):
+    fineweb(jsonl, tmp_path, "--num_tokens=3000", "--val_tokens=500", "--shard_tokens=700")
+    folder = tmp_path / "fineweb_edu"
+    (folder / "notes.txt").write_text("the user's own")
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    (tmp_path / "bad.jsonl").write_text('{"text": "a document"}\n' * 50 + "not json\n")
+    with pytest.raises(SystemExit, match="bad.jsonl line 51 is not a JSON object"):
+        fineweb(str(tmp_path / "bad.jsonl"), tmp_path, "--num_tokens=3000", "--val_tokens=10", "--shard_tokens=20")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "docs.jsonl", "fineweb_edu"]  # no staging folder left
+    fineweb(jsonl, tmp_path, "--num_tokens=1000", "--val_tokens=100", "--shard_tokens=2000")  # a good write replaces
+    assert sorted(os.listdir(folder)) == ["meta.json", "notes.txt", "train_000000.bin", "val_000000.bin"]
+
+
 @pytest.mark.parametrize("content, args, message", [
     ('{"text": "fine"}\nnot json\n', [], "docs.jsonl line 2 is not a JSON object with a 'text' string"),
     ('{"body": "no text"}\n', [], "docs.jsonl line 1 is not a JSON object with a 'text' string"),

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import CheckpointError, load_checkpoint, load_latest, save_checkpoint
+from checkpoint import CheckpointError, RunLock, load_checkpoint, load_latest, open_run, save_checkpoint
 from conftest import ROOT
-from fault_injection import run_fault_injection
+from fault_injection import file_size_limit, run_disk_full, run_fault_injection, run_two_into_one_out_dir
 
 
 def state(value):
@@ -70,6 +70,98 @@ def test_damaged_checkpoints_are_detected(tmp_path, damage):
         load_checkpoint(path)
     with pytest.raises(CheckpointError):  # no previous checkpoint to fall back to
         load_latest(path)
+
+
+def test_a_damaged_checkpoint_is_moved_aside_and_the_good_previous_one_kept(tmp_path, capsys):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(state(1), path)
+    save_checkpoint(state(2), path)
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 0xFF  # ckpt.pt (2) rots on disk; ckpt.prev.pt (1) is good
+    open(path, "wb").write(data)
+    save_checkpoint(state(3), path)
+    assert load_checkpoint(path)["iter_num"] == 3
+    assert load_checkpoint(str(tmp_path / "ckpt.prev.pt"))["iter_num"] == 1  # not pushed out by the damaged one
+    assert open(tmp_path / "ckpt.damaged.pt", "rb").read() == data
+    warning = capsys.readouterr().out
+    assert warning.count("\n") == 1 and "ckpt.pt is damaged" in warning and "ckpt.damaged.pt" in warning
+
+
+def test_a_failed_write_is_one_line_and_keeps_every_checkpoint(tmp_path, monkeypatch):
+    path = str(tmp_path / "ckpt.pt")
+    save_checkpoint(state(1), path)
+    save_checkpoint(state(2), path)
+    before = {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)}
+
+    def disk_full(obj, f):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(checkpoint.torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match=f"cannot write checkpoint {path}: No space left on device"):
+        save_checkpoint(state(3), path)
+    assert {name: open(tmp_path / name, "rb").read() for name in os.listdir(tmp_path)} == before  # no temporary
+
+
+def test_each_writer_has_its_own_temporary_file(tmp_path):
+    path = str(tmp_path / "ckpt.pt")
+    others = [f"{path}.tmp", f"{path}.1.tmp"]  # another process's, being written
+    for other in others:
+        open(other, "w").write("another writer's")
+    save_checkpoint(state(1), path)
+    assert load_checkpoint(path)["iter_num"] == 1
+    assert all(open(other).read() == "another writer's" for other in others)
+
+
+def test_one_run_per_out_dir(tmp_path):
+    out = str(tmp_path / "out")
+    lock = open_run(out, replaces_checkpoint=True, overwrite=False)
+    with pytest.raises(CheckpointError, match=f"in use by the run of pid {os.getpid()} on "):
+        open_run(out, replaces_checkpoint=False, overwrite=False)
+    lock.release()
+    assert os.listdir(out) == []
+    # a crashed run's lock file (no process holds it any more) is taken over, its temporary files removed
+    (tmp_path / "out" / "run.lock").write_text("pid 999999999 on a-host\n")
+    (tmp_path / "out" / "ckpt.pt.999999999.tmp").write_text("cut short")
+    with open_run(out, replaces_checkpoint=True, overwrite=False):
+        assert os.listdir(out) == ["run.lock"]
+        assert (tmp_path / "out" / "run.lock").read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_scratch_run_over_a_checkpoint_needs_overwrite(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    save_checkpoint(state(1), str(out / "ckpt.pt"))
+    with pytest.raises(CheckpointError, match="continue it with --init_from=resume, or start afresh over it with "
+                                              "--overwrite=True"):
+        open_run(str(out), replaces_checkpoint=True, overwrite=False)
+    assert sorted(os.listdir(out)) == ["ckpt.pt"]  # its lock let go
+    open_run(str(out), replaces_checkpoint=False, overwrite=False).release()  # resuming it is fine
+    open_run(str(out), replaces_checkpoint=True, overwrite=True).release()
+
+
+def test_a_second_run_into_a_busy_out_dir_is_refused_and_the_first_goes_on(tmp_path):
+    assert run_two_into_one_out_dir(str(tmp_path), max_iters=20) == []
+
+
+def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoint(tmp_path):
+    assert run_disk_full(str(tmp_path)) == []
+
+
+def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank(char_data_dir, tmp_path):
+    """Rank 0 alone writes; its failure is shared, so rank 1 stops with the same line instead of waiting."""
+    from test_distributed import SETTINGS, env, free_port, wait_all
+    port, started = free_port(), time.time()
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SETTINGS, f"--data_dir={char_data_dir}",
+                               f"--out_dir={tmp_path}", "--batch_size=4", "--mem_parallel=2", "--max_iters=6"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                              env=env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",
+                                      MASTER_PORT=port),
+                              preexec_fn=file_size_limit(50_000) if rank == 0 else None) for rank in range(2)]
+    results = wait_all(procs)
+    for code, _, err in results:
+        assert code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert err.startswith(f"error: cannot write checkpoint {tmp_path}/ckpt.pt: File too large")
+    assert time.time() - started < 45 and not [f for f in os.listdir(tmp_path) if f.endswith("tmp")]
 
 
 def test_kill_at_a_random_moment_resumes_to_the_uninterrupted_losses(tmp_path):
@@ -157,6 +249,8 @@ def test_sample_prompts(config_file, tmp_path):
     long = subprocess.run(sample + [f"--start=FILE:{tmp_path / 'long.txt'}"], capture_output=True, text=True)
     assert long.returncode == 0 and long.stdout.startswith("First Citizen: " * 10)
     assert "longer than the context" in long.stderr
+    val_loss = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["val_loss"]
+    assert long.stderr.startswith(f"loaded {tmp_path / 'out'}/ckpt.pt: iteration 0, val loss {val_loss:.4f}\n")
     missing = subprocess.run(sample + ["--start=FILE:/nonexistent/prompt.txt"], capture_output=True, text=True)
     assert missing.returncode == 1 and "cannot read prompt file /nonexistent/prompt.txt" in missing.stderr
 
