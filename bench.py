@@ -17,6 +17,9 @@ train: a whole training step (forward, backward, clipping, optimizer) of a confi
 timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row updates (RowAdamW), and
 optionally torch.compile; a fresh train.py process per measurement.
 
+ptx: every Triton kernel compiled by Triton's own compiler for sm_80 and sm_90 on any machine, no GPU needed
+(kernels.gpu_builds): per build, whether it compiled, registers, spills and 128-bit global loads.
+
 gpu: the one command to run on the first GPU at hand (`python bench.py gpu`, meant to take under 8 minutes
 on an H100): the card's copy bandwidth; the kernels at the paper's shapes in bf16 and fp32 against it and
 against F.embedding_bag; the memory layer at GPT-2-small width against the dense FFN (bf16 autocast); 30
@@ -315,6 +318,29 @@ def run_train(args):
               f"{r['over_smallest']:>14.2f}")
 
 
+def run_ptx(args):
+    """The `ptx` subcommand: a table (or JSON) of kernels.gpu_builds; exit 1 when a kernel fails to compile."""
+    if kernels.triton is None:
+        raise UserError("bench.py ptx compiles the Triton kernels: pip install triton")
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    builds = kernels.gpu_builds(tuple(args.archs), tuple(dtypes[d] for d in args.dtypes),
+                                (torch.int32, torch.int64), args.dim)
+    for b in builds:  # JSON-ready: dtypes as names
+        b.update(dtype=str(b["dtype"]).removeprefix("torch."), index_dtype=str(b["index_dtype"]).removeprefix("torch."))
+    if args.json:
+        print(json.dumps(builds, indent=1))
+    else:
+        print(f"{'kernel':<28}{'arch':>6}{'dtype':>10}{'indices':>9}{'compiled':>10}{'registers':>11}{'spills':>8}"
+              f"{'128-bit loads':>15}")
+        for b in builds:
+            print(f"{b['kernel']:<28}{'sm_' + str(b['arch']):>6}{b['dtype']:>10}{b['index_dtype']:>9}"
+                  f"{'yes' if b['compiled'] else 'NO':>10}{b['registers'] if b['compiled'] else '-':>11}"
+                  f"{b['spills'] if b['compiled'] else '-':>8}{b['vector_loads_128'] if b['compiled'] else '-':>15}")
+    failed = [f"{b['kernel']} sm_{b['arch']} {b['dtype']}: {b['error']}" for b in builds if not b["compiled"]]
+    if failed:
+        raise UserError(f"{len(failed)} builds failed, the first: {failed[0]}")
+
+
 # ---- gpu: the prepared command for a GPU --------------------------------------------------------------
 PEAK_BF16_TFLOPS = {"H100": 989, "H200": 989, "H800": 989, "A100": 312, "L40S": 362, "A10": 125}  # dense
 GPU_KERNEL_SHAPES = ("paper-4k", "paper-32k", "official")
@@ -418,7 +444,7 @@ def first_at(evals, level):
 def run_forgetting(args):
     """The `forgetting` subcommand: pretrain on A (or take --base), finetune on B by every method and lr."""
     people, new_people, base_iters, iters, interval = FORGET_BUDGET["quick" if args.quick else "full"]
-    model = QUICK_MODEL if args.quick else []
+    model = QUICK_MODEL if args.quick else ["--facts_eval_size=300", "--eval_iters=5"]  # 2 x 600 pairs per eval
     data = os.path.join(args.out, "data")
     if not os.path.exists(os.path.join(data, "kb_new", EVAL_FILE)):
         write_facts(people, 0, tuple(ATTRIBUTES), "compact", "kb", data, new_entities=new_people)
@@ -670,6 +696,13 @@ def main(argv=None):
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(run=run_train)
+    x = commands.add_parser("ptx", help="compile every Triton kernel for sm_80/sm_90 without a GPU")
+    x.add_argument("--archs", type=powers_of_two, default=[80, 90], help="compute capabilities (default 80,90)")
+    x.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "bfloat16", "float16"],
+                   help="table dtypes, comma-separated")
+    x.add_argument("--dim", type=int, default=768, help="the table width the kernels are specialised for")
+    x.add_argument("--json", action="store_true", help="a list of objects, one per build")
+    x.set_defaults(run=run_ptx)
     g = commands.add_parser("gpu", help="every GPU figure in one run (under 8 minutes), one markdown table")
     g.add_argument("--device", help="default cuda; cpu runs a tiny smoke test of the same code")
     g.add_argument("--out", default="runs/gpu.md", help="where the markdown table goes")

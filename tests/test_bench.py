@@ -23,3 +23,15 @@ def test_gpu_command_without_a_gpu_says_so_in_one_line(tmp_path):
     result = run("bench.py", "gpu", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith("error: bench.py gpu needs a CUDA device")
+
+
+def test_ptx_command_reports_every_kernel_compiled_for_a_real_gpu(tmp_path):
+    """`python bench.py ptx --json` (one arch and dtype here, for time): Triton's own compiler, no GPU."""
+    import json
+    result = run("bench.py", "ptx", "--archs=90", "--dtypes=bfloat16", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    builds = json.loads(result.stdout)
+    keys = {"kernel", "arch", "dtype", "compiled", "registers", "spills", "vector_loads_128"}
+    assert builds and all(keys <= set(b) and b["compiled"] and b["arch"] == 90 for b in builds)
+    assert {b["index_dtype"] for b in builds} == {"int32", "int64"} and {b["dtype"] for b in builds} == {"bfloat16"}
+    assert all(b["vector_loads_128"] > 0 for b in builds if b["kernel"] == "bag forward")
