@@ -403,6 +403,7 @@ def _call_sites(dtype, index_dtype, dim, bag):
 
 
 def _gpu_build(name, kernel, args, constexprs, arch, dtype, index_dtype):
+    """One of gpu_builds' dicts: kernel specialised for args by the JIT's binder, compiled for arch."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
     from triton.compiler import ASTSource, make_backend
