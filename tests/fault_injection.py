@@ -118,11 +118,15 @@ def run_two_into_one_out_dir(workdir, max_iters):
         if first.poll() is not None:
             return [f"the first run ended before it logged: {first.stderr.read()[-2000:]}"]
         time.sleep(0.05)
-    start = time.time()
-    second = subprocess.run(command(data_dir, out_dir, max_iters, False), capture_output=True, text=True)
-    problems = []
     if first.poll() is not None:
-        problems.append("the first run ended before the second was refused: the test proves nothing")
+        return ["the first run ended before the second started: the test proves nothing"]
+    first.send_signal(signal.SIGSTOP)  # paused, holding its lock: it cannot end before the second is refused
+    try:
+        start = time.time()
+        second = subprocess.run(command(data_dir, out_dir, max_iters, False), capture_output=True, text=True)
+    finally:
+        first.send_signal(signal.SIGCONT)
+    problems = []
     if second.returncode != 1 or second.stderr.count("\n") != 1 or f"in use by the run of pid {first.pid} " \
             not in second.stderr:
         problems.append(f"the second run was not refused naming pid {first.pid}: {second.stderr[-2000:]}")
