@@ -40,7 +40,6 @@ against FLOPs and parameters, in OUT/results.md.
 
 Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
-import argparse
 import contextlib
 import json
 import multiprocessing
@@ -429,7 +428,7 @@ FORGET_METHODS = {  # finetune mode: the settings swept (AdamW; the value tables
     "smf": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
 }
 FORGET_BUDGET = {  # (people in A, people in B, pretraining iterations, finetuning iterations, eval interval)
-    "full": (2000, 500, 1000, 200, 40),
+    "full": (2000, 500, 1000, 150, 30),
     "quick": (100, 30, 20, 10, 5),
 }
 QUICK_MODEL = ["--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--eval_iters=2",
@@ -496,7 +495,7 @@ def run_forgetting(args):
         lines[-1] += f"{max(e['facts_acc'] for e in r['evals']):.1%} | {r['wall_s']:.0f} |"
     lines.append("\nLowest A drop at equal learning, per method: " +
                  ", ".join(f"{m} {d:.0%}" for m, d in summary.items() if d is not None) +
-                 f". Best B accuracy: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) + ".")
+                 ". Best B accuracy: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) + ".")
     report = "\n".join(lines) + "\n"
     if plot_forgetting(results, os.path.join(args.out, "forgetting.png")):
         report += "\n![learned against retained](forgetting.png)\n"

@@ -26,7 +26,6 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from errors import ConfigError, UserError
-from kernels import embedding_bag
 from memory import ValueTable
 
 # torch 2.13 renamed the single-tensor collectives; older versions have only the old names
@@ -99,8 +98,7 @@ class ShardedValueTable(ValueTable):
     def forward(self, indices, weights):
         """As ValueTable.forward; every rank of the group must read as many tokens (equal batch shapes)."""
         indices, weights = GatherTokens.apply(indices, self.group), GatherTokens.apply(weights, self.group)
-        rows = embedding_bag(self.weight, indices, weights, sparse_grad=self.sparse_grad)
-        return ColumnsToTokens.apply(rows, self.group)
+        return ColumnsToTokens.apply(super().forward(indices, weights), self.group)  # this shard's columns
 
 
 def gather_rows(grad, group):

@@ -1,8 +1,12 @@
-"""Shared fixtures and helpers: offline tokenizer files, a tiny character-level dataset, tiny train configs."""
+"""Shared fixtures and helpers: offline tokenizer files, a tiny character-level dataset, tiny train configs,
+processes started as torchrun ranks, brute-force references."""
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -65,3 +69,92 @@ def run(script, *args, cwd=ROOT):
     """Run a script of the repository in a fresh process; its CompletedProcess (text output)."""
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
                           capture_output=True, text=True, timeout=120)
+
+
+DEADLINE = 60  # seconds for any launch here; they take a few
+DISTRIBUTED_SETTINGS = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32",
+                        "--eval_iters=2", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=6", "--device=cpu",
+                        "--dtype=float32", "--memory_layers=(0, 1)", "--mem_n_keys=8", "--mem_knn=4",
+                        "--mem_heads=2", "--learning_rate=3e-3", "--mem_value_lr=3e-2",
+                        "--gradient_accumulation_steps=2"]  # tiny runs as several ranks
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(**extra):
+    return {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}
+
+
+def wait_all(procs, deadline=DEADLINE):
+    """(returncode, stdout, stderr) of each process; past the deadline all of them and their children
+    are killed and the test fails."""
+    end, results = time.time() + deadline, []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(0.1, end - time.time()))
+            results.append((proc.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"processes still running after {deadline} s: a hang")
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    return results
+
+
+def start(args, **extra_env):
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(**extra_env),
+                            start_new_session=True)
+
+
+def start_train(out_dir, data_dir, *args):
+    """One process: python train.py."""
+    return start([sys.executable, os.path.join(ROOT, "train.py"), *DISTRIBUTED_SETTINGS, f"--data_dir={data_dir}",
+                  f"--out_dir={out_dir}", *args])
+
+
+def start_torchrun(nprocs, out_dir, data_dir, *args):
+    """nprocs ranks launched by torchrun, as a user would."""
+    return start([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
+                  os.path.join(ROOT, "train.py"), *DISTRIBUTED_SETTINGS, f"--data_dir={data_dir}",
+                  f"--out_dir={out_dir}", *args])
+
+
+def start_ranks(nprocs, out_dir, data_dir, *args):
+    """nprocs ranks started directly with the environment torchrun would give them, without its agent
+    (which would stop the others when one fails): what a rank does on its own."""
+    port = free_port()
+    return [start([sys.executable, os.path.join(ROOT, "train.py"), *DISTRIBUTED_SETTINGS, f"--data_dir={data_dir}",
+                   f"--out_dir={out_dir}", *args], RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=nprocs,
+                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in range(nprocs)]
+
+
+def full_keys(layer, head):
+    """All n_keys**2 keys of one head, key i*n_keys+j = concat(sub_keys[h,0,i], sub_keys[h,1,j])."""
+    import torch
+    k1, k2 = layer.sub_keys[head, 0], layer.sub_keys[head, 1]
+    n = layer.n_keys
+    return torch.cat([k1.repeat_interleave(n, 0), k2.repeat(n, 1)], dim=1)
+
+
+def brute_force_lookup(layer, x):
+    """Score every full key of every head; top-knn; per-head softmax. (tokens, heads, knn) each."""
+    import torch
+    import torch.nn.functional as F
+    q = (x @ layer.query.weight.T + layer.query.bias).view(len(x), layer.heads, layer.k_dim)
+    scores = torch.stack([q[:, h] @ full_keys(layer, h).T for h in range(layer.heads)], dim=1)
+    top, idx = scores.topk(layer.knn, dim=-1)
+    return idx, top, F.softmax(top, dim=-1)
+
+def no_host_reads(gm, example_inputs):
+    """A torch.compile backend that refuses graphs holding a size or value known only on the device (an
+    unbacked symbol: bincount, unique, nonzero, .item() ...), which a GPU run would sync the host to read.
+    (torch 2.13's fullgraph=True captures those as unbacked symbols rather than refusing them.)"""
+    reads = [str(node.target) for node in gm.graph.nodes if node.meta.get("unbacked_bindings")]
+    assert not reads, f"data-dependent sizes or values (host syncs): {reads}"
+    return gm.forward

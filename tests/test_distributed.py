@@ -8,8 +8,6 @@ import multiprocessing
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import time
 from datetime import timedelta
@@ -18,68 +16,9 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import ROOT
+from conftest import DEADLINE, ROOT, free_port, start, start_ranks, start_torchrun, start_train, wait_all
 
-DEADLINE = 60  # seconds for any launch here; they take a few
-SETTINGS = ["--dataset=tiny", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--eval_iters=2",
-            "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--lr_decay_iters=6", "--device=cpu",
-            "--dtype=float32", "--memory_layers=(0, 1)", "--mem_n_keys=8", "--mem_knn=4", "--mem_heads=2",
-            "--learning_rate=3e-3", "--mem_value_lr=3e-2", "--gradient_accumulation_steps=2"]
 LOSS_TOLERANCE = 1e-4  # absolute, on losses near 4: the runs differ by float summation order only
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def env(**extra):
-    return {**os.environ, "OMP_NUM_THREADS": "1", **{k: str(v) for k, v in extra.items()}}
-
-
-def wait_all(procs, deadline=DEADLINE):
-    """(returncode, stdout, stderr) of each process; past the deadline all of them and their children
-    are killed and the test fails."""
-    end, results = time.time() + deadline, []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=max(0.1, end - time.time()))
-            results.append((proc.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"processes still running after {deadline} s: a hang")
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-    return results
-
-
-def start(args, **extra_env):
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(**extra_env),
-                            start_new_session=True)
-
-
-def train(out_dir, data_dir, *args):
-    """One process: python train.py."""
-    return start([sys.executable, os.path.join(ROOT, "train.py"), *SETTINGS, f"--data_dir={data_dir}",
-                  f"--out_dir={out_dir}", *args])
-
-
-def torchrun(nprocs, out_dir, data_dir, *args):
-    """nprocs ranks launched by torchrun, as a user would."""
-    return start([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nprocs}",
-                  os.path.join(ROOT, "train.py"), *SETTINGS, f"--data_dir={data_dir}", f"--out_dir={out_dir}", *args])
-
-
-def start_ranks(nprocs, out_dir, data_dir, *args):
-    """nprocs ranks started directly with the environment torchrun would give them, without its agent
-    (which would stop the others when one fails): what a rank does on its own."""
-    port = free_port()
-    return [start([sys.executable, os.path.join(ROOT, "train.py"), *SETTINGS, f"--data_dir={data_dir}",
-                   f"--out_dir={out_dir}", *args], RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=nprocs,
-                  MASTER_ADDR="127.0.0.1", MASTER_PORT=port) for rank in range(nprocs)]
 
 
 def losses(out_dir):
@@ -172,8 +111,8 @@ def runs(tmp_path_factory, char_data_dir):
     table split over both for the first 3 of them; both accumulate 2 micro-steps per iteration."""
     root = tmp_path_factory.mktemp("runs")
     for code, _, err in wait_all([
-            train(root / "one", char_data_dir, "--batch_size=8", "--max_iters=6"),
-            torchrun(2, root / "two", char_data_dir, "--batch_size=4", "--mem_parallel=2", "--max_iters=3")]):
+            start_train(root / "one", char_data_dir, "--batch_size=8", "--max_iters=6"),
+            start_torchrun(2, root / "two", char_data_dir, "--batch_size=4", "--mem_parallel=2", "--max_iters=3")]):
         assert code == 0, err
     return root, char_data_dir
 
@@ -203,7 +142,7 @@ def test_a_two_rank_checkpoint_resumes_and_samples_in_one_process(runs, tmp_path
     # and one process resumes it onto the one-process loss curve
     shutil.copytree(root / "two", tmp_path / "resumed")
     results = wait_all([greedy_sample(root / "two"), greedy_sample(tmp_path / "one_at_3"),
-                        train(tmp_path / "resumed", data_dir, "--batch_size=8", "--max_iters=6", "--init_from=resume")])
+                        start_train(tmp_path / "resumed", data_dir, "--batch_size=8", "--max_iters=6", "--init_from=resume")])
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     assert results[0][1] == results[1][1] and results[0][1].startswith("First")
     one, resumed = losses(root / "one"), losses(tmp_path / "resumed")
@@ -225,8 +164,8 @@ def test_sparse_updates_on_two_groups_of_two_follow_the_one_process_curve(char_d
     """Row gradients and RowAdamW: 4 ranks (2 memory-parallel groups whose replicas gather each other's
     rows) against 1 process with the whole batch."""
     results = wait_all([
-        train(tmp_path / "one", char_data_dir, "--batch_size=8", "--max_iters=3", "--mem_sparse_update=True"),
-        torchrun(4, tmp_path / "four", char_data_dir, "--batch_size=2", "--mem_parallel=2", "--max_iters=3",
+        start_train(tmp_path / "one", char_data_dir, "--batch_size=8", "--max_iters=3", "--mem_sparse_update=True"),
+        start_torchrun(4, tmp_path / "four", char_data_dir, "--batch_size=2", "--mem_parallel=2", "--max_iters=3",
                  "--mem_sparse_update=True")])
     assert all(code == 0 for code, _, _ in results), [err for _, _, err in results]
     one, four = losses(tmp_path / "one"), losses(tmp_path / "four")
@@ -259,7 +198,7 @@ def test_bad_layouts_are_refused_before_any_process_group(monkeypatch, world, me
 
 def test_mem_parallel_without_torchrun_is_a_one_line_error(char_data_dir, tmp_path):
     """(A bad checkpoint above shows the same on every rank of a real launch.)"""
-    [(code, _, err)] = wait_all([train(tmp_path, char_data_dir, "--mem_parallel=2")])
+    [(code, _, err)] = wait_all([start_train(tmp_path, char_data_dir, "--mem_parallel=2")])
     assert code == 1 and err.count("\n") == 1 and err.startswith("error: "), err
     assert "launch with torchrun --nproc_per_node=2" in err
 

@@ -17,7 +17,7 @@ from finetune import (LoRALinear, SparseMemoryFinetune, document_frequency, inve
 from memory import ProductKeyMemory
 from model import GPT, GPTConfig
 from optim import RowAdamW
-from test_distributed import DEADLINE, free_port
+from conftest import DEADLINE, free_port
 
 # three layers, two of them memory layers that share one table of 256 rows
 CONFIG = GPTConfig(vocab_size=32, block_size=16, n_layer=3, n_head=2, n_embd=16, memory_layers=(0, 2),

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels  # conftest set TRITON_INTERPRET=1 first
+from conftest import no_host_reads
 
 needs_triton = pytest.mark.skipif(not kernels._INTERPRETED,
                                   reason="needs Triton with TRITON_INTERPRET=1 (Triton missing or variable set to 0)")
@@ -288,15 +289,6 @@ def half_table_inputs(dtype=torch.bfloat16, num_rows=50, tokens=6, bag=7, dim=12
     weight = torch.randn(num_rows, dim, generator=gen).to(dtype)
     indices = make_indices("skewed", tokens, bag, num_rows, gen).int()
     return weight, indices, torch.rand(tokens, bag, generator=gen), torch.randn(tokens, dim, generator=gen).to(dtype)
-
-
-def no_host_reads(gm, example_inputs):
-    """A torch.compile backend that refuses graphs holding a size or value known only on the device (an
-    unbacked symbol: bincount, unique, nonzero, .item() ...), which a GPU run would sync the host to read.
-    (torch 2.13's fullgraph=True captures those as unbacked symbols rather than refusing them.)"""
-    reads = [str(node.target) for node in gm.graph.nodes if node.meta.get("unbacked_bindings")]
-    assert not reads, f"data-dependent sizes or values (host syncs): {reads}"
-    return gm.forward
 
 
 @pytest.mark.parametrize("body", ["dense", "rows"])

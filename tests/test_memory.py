@@ -6,27 +6,12 @@ import torch.nn.functional as F
 import kernels
 import memory
 from memory import ProductKeyMemory, ValueTable, product_key_topk
-from test_kernels import no_host_reads
+from conftest import brute_force_lookup, no_host_reads
 
 
 def boxed_no_host_reads(gm, example_inputs):
     from functorch.compile import make_boxed_func
     return make_boxed_func(no_host_reads(gm, example_inputs))
-
-
-def full_keys(layer, head):
-    """All n_keys**2 keys of one head, key i*n_keys+j = concat(sub_keys[h,0,i], sub_keys[h,1,j])."""
-    k1, k2 = layer.sub_keys[head, 0], layer.sub_keys[head, 1]
-    n = layer.n_keys
-    return torch.cat([k1.repeat_interleave(n, 0), k2.repeat(n, 1)], dim=1)
-
-
-def brute_force_lookup(layer, x):
-    """Score every full key of every head; top-knn; per-head softmax. (tokens, heads, knn) each."""
-    q = (x @ layer.query.weight.T + layer.query.bias).view(len(x), layer.heads, layer.k_dim)
-    scores = torch.stack([q[:, h] @ full_keys(layer, h).T for h in range(layer.heads)], dim=1)
-    top, idx = scores.topk(layer.knn, dim=-1)
-    return idx, top, F.softmax(top, dim=-1)
 
 
 def test_product_topk_equals_brute_force_on_random_scores():

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from errors import ConfigError
 from model import GPT, GPTConfig
 from peer import PEER
-from test_memory import brute_force_lookup
+from conftest import brute_force_lookup
 from conftest import config_for, read_log
 from train import train
 

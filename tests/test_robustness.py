@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import checkpoint
-from checkpoint import CheckpointError, RunLock, load_checkpoint, load_latest, open_run, save_checkpoint
+from checkpoint import CheckpointError, load_checkpoint, load_latest, open_run, save_checkpoint
 from conftest import ROOT
 from fault_injection import file_size_limit, run_disk_full, run_fault_injection, run_two_into_one_out_dir
 
@@ -149,9 +149,9 @@ def test_a_full_disk_fails_the_save_in_one_line_and_keeps_the_previous_checkpoin
 
 def test_a_checkpoint_write_that_fails_on_rank_0_stops_every_rank(char_data_dir, tmp_path):
     """Rank 0 alone writes; its failure is shared, so rank 1 stops with the same line instead of waiting."""
-    from test_distributed import SETTINGS, env, free_port, wait_all
+    from conftest import DISTRIBUTED_SETTINGS, env, free_port, wait_all
     port, started = free_port(), time.time()
-    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *SETTINGS, f"--data_dir={char_data_dir}",
+    procs = [subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *DISTRIBUTED_SETTINGS, f"--data_dir={char_data_dir}",
                                f"--out_dir={tmp_path}", "--batch_size=4", "--mem_parallel=2", "--max_iters=6"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                               env=env(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=2, MASTER_ADDR="127.0.0.1",

@@ -1,8 +1,6 @@
 """train.py end to end on a tiny character dataset: learning, exact resume, config checks, sample.py."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
