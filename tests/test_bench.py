@@ -35,3 +35,13 @@ def test_ptx_command_reports_every_kernel_compiled_for_a_real_gpu(tmp_path):
     assert builds and all(keys <= set(b) and b["compiled"] and b["arch"] == 90 for b in builds)
     assert {b["index_dtype"] for b in builds} == {"int32", "int64"} and {b["dtype"] for b in builds} == {"bfloat16"}
     assert all(b["vector_loads_128"] > 0 for b in builds if b["kernel"] == "bag forward")
+
+
+def test_forgetting_quick_runs_every_method_and_writes_its_table(tmp_path, gpt2_bpe):
+    out = tmp_path / "forgetting"
+    result = run("bench.py", "forgetting", "--quick", f"--out={out}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    table = (out / "results.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
+    assert [row.split(" | ")[0] for row in rows] == ["| full", "| lora", "| values", "| smf"]
+    assert "Lowest A drop at equal learning" in table
