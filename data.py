@@ -90,15 +90,19 @@ def meta_problem(meta):
     return None
 
 
-def read_meta(path, dataset):
-    """The tokenizer description at path (a dataset's meta.json), or a DataError naming the file."""
+def read_json(path, problem_of):
+    """(the JSON at path, what is wrong with it: problem_of(it), or that it does not parse; None when fine)."""
     try:
         with open(path, encoding="utf-8") as f:
-            meta = json.load(f)
+            data = json.load(f)
     except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        meta, problem = None, f"is not readable JSON ({type(e).__name__}: {e})"
-    else:
-        problem = meta_problem(meta)
+        return None, f"is not readable JSON ({type(e).__name__}: {e})"
+    return data, problem_of(data)
+
+
+def read_meta(path, dataset):
+    """The tokenizer description at path (a dataset's meta.json), or a DataError naming the file."""
+    meta, problem = read_json(path, meta_problem)
     if problem:
         raise DataError(f"{path} {problem}: make the dataset again with {prepare_command(dataset)}")
     return meta

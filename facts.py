@@ -19,6 +19,7 @@ import random
 import torch
 import torch.nn.functional as F
 
+from data import read_json
 from errors import DataError
 
 EVAL_FILE = "eval.json"
@@ -162,13 +163,7 @@ def load_eval(folder, size, vocab_size):
     path = os.path.join(folder, EVAL_FILE)
     if size <= 0 or not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        data, problem = None, f"is not readable JSON ({type(e).__name__}: {e})"
-    else:
-        problem = eval_problem(data, vocab_size)
+    data, problem = read_json(path, lambda d: eval_problem(d, vocab_size))
     if problem:
         raise DataError(f"{path} {problem}: make it again with `python prepare_data.py facts --name "
                         f"{os.path.basename(os.path.abspath(folder))}`, or delete it to train without fact scores")
