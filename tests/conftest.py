@@ -107,6 +107,23 @@ def wait_all(procs, deadline=DEADLINE):
     return results
 
 
+def run_ranks(worker, world, *args):
+    """worker(rank, world, port, *args) in world spawned processes (a gloo group on a free port); the test
+    fails if any of them fails or is still running after DEADLINE."""
+    import multiprocessing
+    port, spawn = free_port(), multiprocessing.get_context("spawn")
+    procs = [spawn.Process(target=worker, args=(rank, world, port, *args)) for rank in range(world)]
+    for proc in procs:
+        proc.start()
+    end = time.time() + DEADLINE
+    for proc in procs:
+        proc.join(max(0.1, end - time.time()))
+    hung = [proc for proc in procs if proc.is_alive()]
+    for proc in hung:
+        proc.kill()
+    assert not hung and all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+
+
 def start(args, **extra_env):
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(**extra_env),
                             start_new_session=True)

@@ -4,7 +4,6 @@ Every process started here runs under a deadline and is killed with its children
 a hung collective fails a test instead of hanging pytest.
 """
 import json
-import multiprocessing
 import os
 import shutil
 import signal
@@ -16,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from conftest import DEADLINE, ROOT, free_port, start, start_ranks, start_torchrun, start_train, wait_all
+from conftest import DEADLINE, ROOT, run_ranks, start, start_ranks, start_torchrun, start_train, wait_all
 
 LOSS_TOLERANCE = 1e-4  # absolute, on losses near 4: the runs differ by float summation order only
 
@@ -83,18 +82,8 @@ def sharded_layer_worker(rank, world, port, results_path):
 
 def test_sharded_layer_equals_the_unsharded_layer(tmp_path):
     """4 ranks in memory-parallel groups of 1, 2 and 4 (so 4, 2 and 1 replicas of each shard)."""
-    world, port, results = 4, free_port(), str(tmp_path / "differences")
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=sharded_layer_worker, args=(rank, world, port, results)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    end = time.time() + DEADLINE
-    for proc in procs:
-        proc.join(max(0.1, end - time.time()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-    assert not hung and all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    world, results = 4, str(tmp_path / "differences")
+    run_ranks(sharded_layer_worker, world, results)
     for rank in range(world):
         for m, differences in torch.load(f"{results}.{rank}").items():
             assert set(differences) >= {"output", "value grad", "sub_keys grad", "query.weight grad",

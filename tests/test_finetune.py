@@ -2,8 +2,6 @@
 count of every layer's lookups, the rows an optimizer step changes, two column-sharded ranks against one
 process, LoRA before and after merging, and the disjoint second knowledge base."""
 import copy
-import multiprocessing
-import time
 from datetime import timedelta
 
 import numpy as np
@@ -17,7 +15,7 @@ from finetune import (LoRALinear, SparseMemoryFinetune, document_frequency, inve
 from memory import ProductKeyMemory
 from model import GPT, GPTConfig
 from optim import RowAdamW
-from conftest import DEADLINE, free_port
+from conftest import DEADLINE, run_ranks
 
 # three layers, two of them memory layers that share one table of 256 rows
 CONFIG = GPTConfig(vocab_size=32, block_size=16, n_layer=3, n_head=2, n_embd=16, memory_layers=(0, 2),
@@ -160,18 +158,8 @@ def unsharded_selection(batch, background):
 
 
 def test_two_column_sharded_ranks_select_the_rows_of_the_combined_batch(tmp_path):
-    world, port, path = 2, free_port(), str(tmp_path / "selected")
-    spawn = multiprocessing.get_context("spawn")
-    procs = [spawn.Process(target=sharded_worker, args=(rank, world, port, path)) for rank in range(world)]
-    for proc in procs:
-        proc.start()
-    end = time.time() + DEADLINE
-    for proc in procs:
-        proc.join(max(0.1, end - time.time()))
-    hung = [proc for proc in procs if proc.is_alive()]
-    for proc in hung:
-        proc.kill()
-    assert not hung and all(proc.exitcode == 0 for proc in procs), [proc.exitcode for proc in procs]
+    world, path = 2, str(tmp_path / "selected")
+    run_ranks(sharded_worker, world, path)
     expected = unsharded_selection(BATCH, BACKGROUND)
     assert len(expected) == ROWS
     for rank in range(world):
