@@ -309,6 +309,8 @@ def joined(device, mem_parallel):
 
 
 def shutdown():
-    """Leave the process group if this process joined one: at exit, after an error too."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group if this process joined one (at exit, after an error too); whether it had."""
+    if not dist.is_initialized():
+        return False
+    dist.destroy_process_group()
+    return True

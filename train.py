@@ -432,10 +432,23 @@ def main(argv=None):
         return
     try:
         train(load_config(argv))
+        code = 0
     except UserError as e:
-        sys.exit(f"error: {e}")
+        code = f"error: {e}"
+    except SystemExit as e:  # a signal's stop: 128 + its number
+        code = 0 if e.code is None else e.code
     finally:
-        distributed.shutdown()
+        joined = distributed.shutdown()
+    if joined:
+        # Skip the interpreter's teardown, which can abort (SIGABRT) while torch's C++ threads wind down and
+        # turn a clean stop into a crash; everything this run writes is written and closed by now.
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
