@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train|facts ...`.
+"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train|ptx|gpu|facts|forgetting ...`.
 
 kernels: forward and backward of kernels.embedding_bag (each backend) against PyTorch's
 F.embedding_bag and against the machine's copy bandwidth (a plain tensor copy timed in the same run).
@@ -27,16 +27,7 @@ training steps of configs/gpt2_small_memplus.py with torch.compile on random tok
 memory), with dense and with sparse value updates. One markdown table, printed and written to --out.
 `--device=cpu` runs the same code at tiny shapes, a smoke test.
 
-forgetting: sparse memory finetuning against full finetuning, LoRA and all values (`python bench.py
-forgetting`): one Memory+ model pretrained on knowledge base A, finetuned on a disjoint knowledge base B
-by each method over a short learning-rate sweep; fact accuracy on B (learned) and on A (retained) at
-fixed intervals; OUT/results.md compares the retained-A drop where every method first reaches a common
-B accuracy, and OUT/forgetting.png draws learned against retained.
-
-facts: the factual-recall comparison (`python bench.py facts --help`): every configs/facts_<model>.py
-(on top of configs/facts_common.py, which holds the data and the one training budget) trained in its own
-out_dir, then a markdown table (and a plot when matplotlib is installed) of fact accuracy and answer NLL
-against FLOPs and parameters, in OUT/results.md.
+facts and forgetting: the benchmarks on the knowledge base of facts.py, in bench_facts.py.
 
 Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
@@ -45,12 +36,9 @@ import json
 import multiprocessing
 import os
 import platform
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -58,8 +46,8 @@ import torch.nn.functional as F
 import kernels
 from config import OneLineErrors, pick_device
 from errors import UserError
-from facts import ATTRIBUTES, DEFAULT_ENTITIES, EVAL_FILE
-from prepare_data import write_facts
+import bench_facts
+from bench_facts import train_and_log
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -265,24 +253,6 @@ def run_layer(args):
               f"{r['over_dense']:>9.2f}")
 
 
-def train_and_log(args, out_dir, threads=None):
-    """Run `python train.py ARGS --out_dir=OUT_DIR` in a fresh process (its output in OUT_DIR/train.out, with
-    OMP_NUM_THREADS=threads when given); returns (the events of its log.jsonl, wall seconds)."""
-    os.makedirs(out_dir, exist_ok=True)
-    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
-    start = time.time()
-    with open(os.path.join(out_dir, "train.out"), "w") as out:
-        code = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}"],
-                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
-    wall = time.time() - start
-    if code != 0:
-        with open(os.path.join(out_dir, "train.out")) as f:
-            last = (f.read().strip().splitlines() or [""])[-1]
-        raise UserError(f"train.py {' '.join(args)} failed with exit code {code} ({last}): see {out_dir}/train.out")
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f], wall
-
-
 def train_step_ms(config, overrides, iters):
     """ms per training step and peak memory (MB) of `train.py config overrides`, from its log.jsonl."""
     with tempfile.TemporaryDirectory() as out_dir:
@@ -420,247 +390,6 @@ def run_gpu(args):
     print(table)
 
 
-# ---- forgetting: learning new facts without losing the old ---------------------------------------------
-FORGET_METHODS = {  # finetune mode: the settings swept (AdamW; the value tables keep 10x the others' lr)
-    "full": [{"learning_rate": lr, "min_lr": lr / 10, "mem_value_lr": 10 * lr} for lr in (1e-3, 3e-3)],
-    "lora": [{"learning_rate": lr, "min_lr": lr / 10} for lr in (3e-3, 1e-2)],
-    "values": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
-    "smf": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
-}
-FORGET_BUDGET = {  # (people in A, people in B, pretraining iterations, finetuning iterations, eval interval)
-    "full": (2000, 500, 1000, 150, 30),
-    "quick": (100, 30, 20, 10, 5),
-}
-QUICK_MODEL = ["--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-               "--facts_eval_size=40", "--mem_n_keys=16", "--mem_knn=8", "--mem_k_dim=16", "--smf_background_batches=4"]
-
-
-def first_at(evals, level):
-    """The first eval whose B accuracy reaches level, or None."""
-    return next((e for e in evals if e["facts_acc"] >= level), None)
-
-
-def run_forgetting(args):
-    """The `forgetting` subcommand: pretrain on A (or take --base), finetune on B by every method and lr."""
-    people, new_people, base_iters, iters, interval = FORGET_BUDGET["quick" if args.quick else "full"]
-    model = QUICK_MODEL if args.quick else ["--facts_eval_size=300", "--eval_iters=5"]  # 2 x 600 pairs per eval
-    data = os.path.join(args.out, "data")
-    if not os.path.exists(os.path.join(data, "kb_new", EVAL_FILE)):
-        write_facts(people, 0, tuple(ATTRIBUTES), "compact", "kb", data, new_entities=new_people)
-    common = [config_path("common"), config_path("memplus"), f"--data_dir={data}", *model]
-    base = args.base or os.path.join(args.out, "base")
-    if not args.base:
-        shutil.rmtree(base, ignore_errors=True)
-        train_and_log([*common, "--dataset=kb", f"--max_iters={base_iters}", f"--eval_interval={base_iters}"], base)
-    runs = [(method, settings) for method, sweep in FORGET_METHODS.items() for settings in sweep[:1 if args.quick else None]]
-
-    def finetune(method_settings):
-        method, settings = method_settings
-        key = "mem_value_lr" if method in ("values", "smf") else "learning_rate"
-        name = f"{method}_lr{settings[key]:g}"
-        out_dir = os.path.join(args.out, name)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        events, wall = train_and_log([*common, "--dataset=kb_new", f"--init_from={base}", f"--finetune={method}",
-                                      "--facts_retain_dataset=kb", f"--max_iters={iters}", f"--eval_interval={interval}",
-                                      "--warmup_iters=0", *[f"--{k}={v!r}" for k, v in settings.items()]],
-                                     out_dir, max(1, (os.cpu_count() or 1) // args.jobs))
-        print(f"{name}: B acc {events[-1].get('facts_acc', 0):.1%}, A acc {events[-1].get('retain_facts_acc', 0):.1%}, "
-              f"{wall:.0f} s", flush=True)
-        return {"method": method, "name": name, "settings": settings, "wall_s": wall,
-                "evals": [e for e in events if e["event"] == "eval"]}
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(finetune, runs))
-    start = results[0]["evals"][0]
-    base_a, base_b = start["retain_facts_acc"], start["facts_acc"]
-    best = {m: max(e["facts_acc"] for r in results if r["method"] == m for e in r["evals"]) for m in FORGET_METHODS}
-    level = min(best.values())  # the B accuracy every method reaches
-    lines = [f"# Learning new facts without forgetting\n\nCommand: `python bench.py forgetting {' '.join(args.argv)}`. "
-             f"Memory+ pretrained on {people} people (A: {base_a:.1%} of their facts recalled, B: {base_b:.1%}), "
-             f"finetuned on {new_people} new people (B) for {iters} iterations, evaluated every {interval}.\n",
-             f"Equal learning: the first eval where B accuracy reaches {level:.1%}, the highest level every method "
-             "reaches; the drop of A accuracy is relative to the pretrained model's.\n",
-             "| method | run | iter | B acc (learned) | A acc (retained) | A drop | A val loss | best B acc | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    summary = {}
-    for r in results:
-        hit = first_at(r["evals"], level)
-        drop = (base_a - hit["retain_facts_acc"]) / base_a if hit and base_a else None
-        if hit and (r["method"] not in summary or drop < summary[r["method"]]):
-            summary[r["method"]] = drop
-        lines.append(f"| {r['method']} | {r['name']} | {hit['iter'] if hit else '-'} | "
-                     f"{hit['facts_acc']:.1%} | {hit['retain_facts_acc']:.1%} | "
-                     f"{'-' if drop is None else f'{drop:.0%}'} | {hit['retain_val_loss']:.3f} | " if hit else
-                     f"| {r['method']} | {r['name']} | - | - | - | - | - | ")
-        lines[-1] += f"{max(e['facts_acc'] for e in r['evals']):.1%} | {r['wall_s']:.0f} |"
-    lines.append("\nLowest A drop at equal learning, per method: " +
-                 ", ".join(f"{m} {d:.0%}" for m, d in summary.items() if d is not None) +
-                 ". Best B accuracy: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) + ".")
-    report = "\n".join(lines) + "\n"
-    if plot_forgetting(results, os.path.join(args.out, "forgetting.png")):
-        report += "\n![learned against retained](forgetting.png)\n"
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report)
-    print(report)
-
-
-def plot_forgetting(results, path):
-    """Accuracy on B (learned) against accuracy on A (retained), a curve per run; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    colors = dict(zip(FORGET_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for r in results:
-        ax.plot([e["facts_acc"] for e in r["evals"]], [e["retain_facts_acc"] for e in r["evals"]], marker="o",
-                markersize=3, color=colors[r["method"]], label=r["name"], alpha=0.85)
-    ax.set_xlabel("fact accuracy on B (new facts, learned)")
-    ax.set_ylabel("fact accuracy on A (old facts, retained)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-# ---- facts: the factual-recall comparison ----------------------------------------------------------------
-MODELS = ("dense", "dense2x", "dense4x", "memory", "memplus", "moe", "peer")  # configs/facts_<model>.py
-REPEATED = ("dense", "memplus")  # the headline pair: trained with every seed, the others with the first
-COLUMNS = (("model", "model"), ("seed", "seed"), ("params", "params"), ("active params", "active_params"),
-           ("FLOPs/token", "flops_per_token"), ("tokens", "tokens"), ("fact acc", "facts_acc"),
-           ("held-out acc", "facts_acc_heldout"), ("answer NLL", "facts_nll"), ("held-out NLL", "facts_nll_heldout"),
-           ("val loss", "val_loss"), ("wall s", "wall_s"))
-
-
-def config_path(model):
-    return os.path.join(ROOT, "configs", f"facts_{model}.py")
-
-
-def facts_run(model, seed, out_dir, train_args, threads):
-    """Train configs/facts_common.py then configs/facts_<model>.py in out_dir (emptied first); returns its
-    sizes from the start event, its scores from the last eval event and its wall seconds."""
-    shutil.rmtree(out_dir, ignore_errors=True)
-    events, wall = train_and_log([config_path("common"), config_path(model), f"--seed={seed}", *train_args],
-                                 out_dir, threads)
-    start = next(e for e in events if e["event"] == "start")
-    final = [e for e in events if e["event"] == "eval"][-1]
-    if "facts_acc" not in final:
-        raise UserError(f"{out_dir}/log.jsonl has no fact scores: does the dataset folder hold {EVAL_FILE}?")
-    return {"params": start["params"], "active_params": start["active_params"],
-            "flops_per_token": start["flops_per_token"], "tokens": start["tokens_per_iter"] * final["iter"],
-            **{k: final[k] for k in ("val_loss", "facts_acc", "facts_acc_heldout", "facts_nll", "facts_nll_heldout")},
-            "wall_s": wall}
-
-
-def markdown_table(rows):
-    def cell(key, value):
-        if key.startswith("facts_acc"):
-            return f"{value:.1%}"
-        if isinstance(value, float):
-            return f"{value:.3f}" if key != "wall_s" else f"{value:.0f}"
-        return f"{value:,}" if isinstance(value, int) and key != "seed" else str(value)
-    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(cell(key, row[key]) for _, key in COLUMNS) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def headline(rows):
-    """The paper's claims, checked on means over seeds: Memory+ against dense at equal FLOPs, and dense2x."""
-    def mean(model, key):
-        values = [r[key] for r in rows if r["model"] == model]
-        return sum(values) / len(values) if values else None
-    acc = {m: mean(m, "facts_acc") for m in ("dense", "memplus", "moe")}
-    nll = {m: mean(m, "facts_nll") for m in ("memplus", "dense2x")}
-    lines = []
-    if acc["memplus"] is not None and acc["dense"] is not None:
-        ratio = f"{acc['memplus'] / acc['dense']:.1f}x" if acc["dense"] else "no ratio (dense at 0%)"
-        lines.append(f"- Memory+ fact accuracy {acc['memplus']:.1%} against dense {acc['dense']:.1%} at equal FLOPs "
-                     f"per token: {ratio} (target: at least 2x)")
-    if None not in nll.values():
-        lines.append(f"- Memory+ answer NLL {nll['memplus']:.3f} against {nll['dense2x']:.3f} for dense with 2x the "
-                     "FLOPs (target: lower)")
-    if acc["memplus"] is not None and acc["moe"] is not None:
-        lines.append(f"- Memory+ fact accuracy {acc['memplus']:.1%} against {acc['moe']:.1%} for the MoE matched in "
-                     "FLOPs and parameters (target: higher)")
-    return "\n".join(lines)
-
-
-def plot_facts(rows, path):
-    """Fact accuracy against FLOPs per token and against total parameters; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, key, label in ((axes[0], "flops_per_token", "forward FLOPs per token"), (axes[1], "params", "total parameters")):
-        for model in dict.fromkeys(r["model"] for r in rows):
-            points = [(r[key], r["facts_acc"]) for r in rows if r["model"] == model]
-            ax.scatter(*zip(*points), label=model)
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("fact accuracy (greedy exact match)")
-    axes[1].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True
-
-
-def run_facts(args):
-    """The `facts` subcommand: train every model of the suite, then write the results table and plot."""
-    if args.models:
-        models = args.models.split(",")
-        unknown = [m for m in models if m not in MODELS]
-        if unknown:
-            raise UserError(f"unknown models {unknown}: choose from {', '.join(MODELS)}")
-        missing = [config_path(m) for m in models if not os.path.exists(config_path(m))]
-        if missing:
-            raise UserError(f"no config for {', '.join(missing)}")
-    else:
-        models = [m for m in MODELS if os.path.exists(config_path(m))]
-        skipped = [m for m in MODELS if m not in models]
-        if skipped:
-            print(f"no config for {', '.join(skipped)}: skipped")
-    if args.seeds < 1 or args.jobs < 1:
-        raise UserError("--seeds and --jobs must be at least 1")
-    bad = [o for o in args.overrides if "=" not in o]
-    if bad:
-        raise UserError(f"overrides must look like key=value, got {bad}")
-    if not os.path.exists(os.path.join(args.data_dir, "facts", EVAL_FILE)):
-        meta = write_facts(DEFAULT_ENTITIES, 0, tuple(ATTRIBUTES), "compact", "facts", args.data_dir)
-        print(f"made {args.data_dir}/facts: {meta['source']}")
-    train_args = [f"--data_dir={args.data_dir}"] + [f"--{o}" for o in args.overrides]
-    runs = [(m, seed) for m in models for seed in range(1, (args.seeds if m in REPEATED else 1) + 1)]
-    threads = max(1, (os.cpu_count() or 1) // args.jobs)
-
-    def run(model_seed):
-        model, seed = model_seed
-        out_dir = os.path.join(args.out, f"{model}_seed{seed}")
-        row = {"model": model, "seed": seed, **facts_run(model, seed, out_dir, train_args, threads)}
-        print(f"{model} seed {seed}: fact acc {row['facts_acc']:.1%}, answer nll {row['facts_nll']:.3f}, "
-              f"{row['wall_s']:.0f} s", flush=True)
-        return row
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        rows = list(pool.map(run, runs))
-    with open(os.path.join(args.data_dir, "facts", "meta.json")) as f:
-        source = json.load(f)["source"]
-    report = (f"# Factual recall: memory against dense at equal compute\n\nData: {source}. Command: `python bench.py "
-              f"facts {' '.join(args.argv)}`.\n\n{markdown_table(rows)}\n\n{headline(rows)}\n")
-    if plot_facts(rows, os.path.join(args.out, "facts.png")):
-        report += "\n![fact accuracy against FLOPs and parameters](facts.png)\n"
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report)
-    print(report)
-
-
 def powers_of_two(text):
     """--exponents: comma-separated exponents, e.g. 14,16,18,20."""
     return [int(e) for e in text.split(",")]
@@ -706,20 +435,7 @@ def main(argv=None):
     g.add_argument("--device", help="default cuda; cpu runs a tiny smoke test of the same code")
     g.add_argument("--out", default="runs/gpu.md", help="where the markdown table goes")
     g.set_defaults(run=run_gpu)
-    fo = commands.add_parser("forgetting", help="sparse memory finetuning against full finetuning and LoRA")
-    fo.add_argument("--out", default="runs/forgetting", help="data, runs, results.md and forgetting.png go here")
-    fo.add_argument("--base", help="a Memory+ run pretrained on OUT/data/kb to finetune (default: pretrain one)")
-    fo.add_argument("--quick", action="store_true", help="a tiny model and budget, one lr per method (a smoke run)")
-    fo.add_argument("--jobs", type=int, default=1, help="finetuning runs at once, sharing the CPU cores")
-    fo.set_defaults(run=run_forgetting)
-    f = commands.add_parser("facts", help="the factual-recall comparison: every facts config at one budget")
-    f.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)} (default: every one with a config)")
-    f.add_argument("--seeds", type=int, default=2, help=f"seeds of {' and '.join(REPEATED)}; the others get one")
-    f.add_argument("--out", default="runs/facts", help="runs go to OUT/<model>_seed<seed>, results to OUT/results.md")
-    f.add_argument("--data_dir", default="data", help="the dataset is DATA_DIR/facts, made with the defaults if missing")
-    f.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU cores between them")
-    f.add_argument("overrides", nargs="*", metavar="key=value", help="train.py settings for every run")
-    f.set_defaults(run=run_facts)
+    bench_facts.add_commands(commands)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -1,4 +1,5 @@
 """The factual-recall benchmark: generator, prepared files, scoring against references, train.py and compare."""
+import importlib.util
 import json
 import math
 import os
@@ -10,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench
+import bench_facts
 import facts
 from conftest import ROOT
 from model import GPT, GPTConfig
@@ -188,16 +189,19 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
+    every_run = table.split("Every run")[1]
+    rows = [line for line in every_run.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
     assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
                                                   ["| memplus", "2"]]
     assert "Memory+ fact accuracy" in table
-    assert all(len(r.split(" | ")) == len(bench.COLUMNS) for r in rows)
+    assert all(len(r.split(" | ")) == len(bench_facts.COLUMNS) for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [
     (["--models=dense,mlp"], "error: unknown models ['mlp']"),
-    (["--seeds=0"], "error: --seeds and --jobs must be at least 1"),
+    (["--seeds=0"], "error: --seeds, --jobs and --entities must be at least 1"),
+    (["--preset=capacity", "--entities=0"], "error: --seeds, --jobs and --entities must be at least 1"),
+    (["--preset=capacity", "--models=dense,memplus_2k"], "error: unknown models ['memplus_2k']: the capacity preset has"),
     (["max_iters"], "error: overrides must look like key=value"),
     (["--sedes=3"], "error: unrecognized arguments: --sedes=3"),
 ])
@@ -205,3 +209,82 @@ def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", f"--out={tmp_path}", *args],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
+
+
+@pytest.mark.parametrize("preset", ["capacity", "capacity-gpu"])
+def test_capacity_suite_sizes_what_it_promises(preset):
+    """The memory sweep at about the dense model's FLOPs with parameters growing with the table; dense 2x
+    and 4x at those multiples; the MoE with the fewest experts whose parameters exceed the largest memory's;
+    PEER about as large. Sizes are recomputed here from the runs' own config files and overrides, on the
+    meta device."""
+    from config import gpt_config, load_config
+    from sizing import costs
+
+    def sized(run, *changes):
+        return costs(gpt_config(load_config([bench_facts.config_path(c) for c in run.configs] + list(run.overrides)
+                                            + list(changes)), 500))
+
+    runs = {r.name: r for r in bench_facts.PRESETS[preset][0](500)}
+    memory = [name for name in runs if name.startswith("memplus_")]
+    assert list(runs) == ["dense", "dense2x", "dense4x", *memory, "moe", "peer"] and len(memory) == 4
+    dense, sweep = sized(runs["dense"]), [sized(runs[name]) for name in memory]
+    assert all(0.85 * dense["flops"] < m["flops"] <= 1.05 * dense["flops"] for m in sweep)
+    assert [m["total"] for m in sweep] == sorted(m["total"] for m in sweep) and sweep[-1]["total"] > 40 * dense["total"]
+    for factor in (2, 4):
+        assert sized(runs[f"dense{factor}x"])["flops"] == pytest.approx(factor * dense["flops"], rel=0.1)
+    moe, experts = sized(runs["moe"]), load_config(list(runs["moe"].overrides))["moe_num_experts"]
+    assert moe["total"] > sweep[-1]["total"] >= sized(runs["moe"], f"--moe_num_experts={experts - 1}")["total"]
+    assert moe["flops"] < 1.3 * dense["flops"]
+    assert sized(runs["peer"])["total"] == pytest.approx(sweep[-1]["total"], rel=0.1)
+
+
+def test_headline_counts_rises_spreads_and_seeds():
+    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a / 2, "facts_nll": 1.0}
+            for m, accs in (("dense", (0.1, 0.2)), ("memplus_1k", (0.1, 0.3)), ("memplus_4k", (0.25, 0.35)),
+                            ("memplus_16k", (0.4, 0.5)), ("moe", (0.5, 0.1)))
+            for s, a in enumerate(accs, 1)]
+    text = bench_facts.headline(rows)
+    assert "1k 20.0% ± 10.0%, 4k 30.0% ± 5.0%, 16k 45.0% ± 5.0%" in text
+    assert "rises at 2 of 2 steps (target: every one), 1 of them beyond the seed spread" in text
+    assert "against dense 15.0% ± 5.0% at equal FLOPs per token: 3.0x" in text
+    assert "higher at 1 of 2 seeds" in text
+    assert "dense +7.5, Memory+ (memplus_16k) +22.5" in text
+
+
+def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tmp_path):
+    """Three models of the capacity preset at a tiny budget, two seeds, on a knowledge base it makes."""
+    tiny = ["max_iters=2", "eval_interval=1", "eval_iters=1", "facts_eval_size=10", "batch_size=4"]
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--preset=capacity",
+                             "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", "--jobs=2",
+                             f"--out={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *tiny],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "data" / "facts_30" / facts.EVAL_FILE).exists()
+    table = (tmp_path / "out" / "results.md").read_text()
+    summary, every_run = table.split("Every run")
+    rows = [line.split(" | ")[:2] for line in every_run.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert rows == [["| dense", "1"], ["| dense", "2"], ["| memplus_1k", "1"], ["| memplus_1k", "2"],
+                    ["| memplus_4k", "1"], ["| memplus_4k", "2"]]
+    assert [line.split(" | ")[:2] for line in summary.splitlines() if line.startswith("| ") and "---" not in line][1:] \
+        == [["| dense", "2"], ["| memplus_1k", "2"], ["| memplus_4k", "2"]]
+    assert "Fact accuracy by memory size: 1k" in table and "30 entities" in table
+    assert (tmp_path / "out" / "facts.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert "- memplus_4k: `facts_common capacity_common capacity_memplus --mem_n_keys=64`" in table
+    events = [json.loads(line) for line in open(tmp_path / "out" / "memplus_4k_seed2" / "log.jsonl")]
+    start = next(e for e in events if e["event"] == "start")
+    assert start["config"]["mem_n_keys"] == 64 and start["config"]["seed"] == 2 and start["config"]["dataset"] == "facts_30"
+
+    report = [sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--preset=capacity", "--report",
+              "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", f"--out={tmp_path / 'out'}",
+              f"--data_dir={tmp_path / 'data'}"]
+    (tmp_path / "out" / "results.md").unlink()
+    result = subprocess.run(report, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    rebuilt = (tmp_path / "out" / "results.md").read_text()
+    assert [line for line in rebuilt.splitlines() if line.startswith("| memplus")] == \
+           [line for line in table.splitlines() if line.startswith("| memplus")]
+    log = tmp_path / "out" / "dense_seed2" / "log.jsonl"
+    log.write_text("".join(log.read_text().splitlines(keepends=True)[:2]))  # as if it had been stopped
+    result = subprocess.run(report, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and result.stderr.count("\n") == 1
+    assert result.stderr.startswith(f"error: {log} is not a finished run")

@@ -1,0 +1,463 @@
+"""The benchmarks that train models on the knowledge base of facts.py, run by `python bench.py facts|forgetting`.
+
+facts: the factual-recall comparison, in one of two presets. `quick` (the default): every
+configs/facts_<model>.py (on top of configs/facts_common.py, which holds the data and the one training
+budget) trained in its own out_dir. `capacity`: a knowledge base larger than the small dense model can
+hold, trained until the dense model's recall stops rising, and Memory+ swept over its memory size at
+fixed FLOPs per token, with the dense models of 1x, 2x and 4x the FLOPs and the MoE matched to the
+largest memory (the paper's scaling figure in miniature). Either writes a markdown table (and a plot
+when matplotlib is installed) of fact accuracy and answer NLL against FLOPs and parameters, in
+OUT/results.md.
+
+forgetting: sparse memory finetuning against full finetuning, LoRA and all values: one Memory+ model
+pretrained on knowledge base A, finetuned on a disjoint knowledge base B by each method over a short
+learning-rate sweep; fact accuracy on B (learned) and on A (retained) at fixed intervals; OUT/results.md
+compares the retained-A drop where every method first reaches a common B accuracy, and
+OUT/forgetting.png draws learned against retained.
+
+Every run is train.py in a fresh process, read back from its log.jsonl (train_and_log).
+"""
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+from config import gpt_config, load_config
+from errors import UserError
+from facts import ATTRIBUTES, DEFAULT_ENTITIES, EVAL_FILE
+from model import GPTConfig
+from prepare_data import write_facts
+from sizing import dense_baseline, moe_baseline, overrides
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def train_and_log(args, out_dir, threads=None):
+    """Run `python train.py ARGS --out_dir=OUT_DIR` in a fresh process (its output in OUT_DIR/train.out, with
+    OMP_NUM_THREADS=threads when given); returns (the events of its log.jsonl, wall seconds)."""
+    os.makedirs(out_dir, exist_ok=True)
+    env = dict(os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {}))
+    start = time.time()
+    with open(os.path.join(out_dir, "train.out"), "w") as out:
+        code = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}"],
+                              stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+    wall = time.time() - start
+    if code != 0:
+        with open(os.path.join(out_dir, "train.out")) as f:
+            last = (f.read().strip().splitlines() or [""])[-1]
+        raise UserError(f"train.py {' '.join(args)} failed with exit code {code} ({last}): see {out_dir}/train.out")
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f], wall
+
+
+# ---- facts: the factual-recall comparison ----------------------------------------------------------------
+@dataclass(frozen=True)
+class Run:
+    """One model of a suite: its configs (files under configs/, in order), then its train.py overrides."""
+    name: str  # the row's label; its runs go to OUT/<name>_seed<seed>
+    configs: tuple
+    overrides: tuple = ()
+    repeated: bool = True  # trained with every seed, or with the first only
+    series: str = ""  # runs of one series are drawn as a line through their means, the rest as points
+
+
+QUICK_MODELS = ("dense", "dense2x", "dense4x", "memory", "memplus", "moe", "peer")  # configs/facts_<model>.py
+COLUMNS = (("model", "model"), ("seed", "seed"), ("params", "params"), ("active params", "active_params"),
+           ("FLOPs/token", "flops_per_token"), ("tokens", "tokens"), ("acc at half", "facts_acc_half"),
+           ("fact acc", "facts_acc"), ("held-out acc", "facts_acc_heldout"), ("answer NLL", "facts_nll"),
+           ("held-out NLL", "facts_nll_heldout"), ("val loss", "val_loss"), ("wall s", "wall_s"))
+
+
+def quick_suite(vocab_size):
+    """Every configs/facts_<model>.py on configs/facts_common.py; dense and Memory+ with every seed."""
+    return [Run(m, ("facts_common", f"facts_{m}"), repeated=m in ("dense", "memplus"),
+                series="dense" if m.startswith("dense") else "") for m in QUICK_MODELS]
+
+
+def values_label(n_keys):
+    values = n_keys * n_keys
+    return f"{values // 2**20}M" if values >= 2**20 else f"{values // 2**10}k"
+
+
+def capacity_suite(vocab_size, keys, scale=()):
+    """Memory+ at every mem_n_keys of keys on the small dense model of configs/capacity_common.py; that dense
+    model and its 2x and 4x widenings (sizing.dense_baseline); the MoE matched to the largest memory
+    (sizing.moe_baseline); PEER (configs/capacity_peer.py) with the first seed only. scale: config files
+    applied last to every run (a larger base model, its data and budget)."""
+    def configs(*own):
+        return ("facts_common", "capacity_common", *own, *scale)
+
+    def sized(files, *args):
+        return gpt_config(load_config([config_path(f) for f in files] + list(args)), vocab_size)
+
+    def changed(base, other):
+        return tuple(shlex.split(overrides(base, other)))
+
+    dense = sized(configs())
+    largest = sized(configs("capacity_memplus"), f"--mem_n_keys={keys[-1]}")
+    return ([Run("dense", configs(), series="dense")] +
+            [Run(f"dense{f}x", configs(), changed(dense, dense_baseline(dense, f)), series="dense") for f in (2, 4)] +
+            [Run(f"memplus_{values_label(n)}", configs("capacity_memplus"), (f"--mem_n_keys={n}",), series="memplus")
+             for n in keys] +
+            [Run("moe", configs(), tuple(a for a in changed(dense, moe_baseline(largest)) if a.startswith("--moe_"))),
+             Run("peer", configs("capacity_peer"), repeated=False)])
+
+
+CAPACITY_KEYS = (32, 64, 128, 256)  # mem_n_keys of the CPU sweep: 1k to 64k values
+PRESETS = {  # name: (the suite for a vocabulary size, people in the knowledge base, default seeds)
+    "quick": (quick_suite, DEFAULT_ENTITIES, 2),
+    # its dense model recalls 97% of 500 people's facts, 27% of 1000's and 8% of 2000's in 3000 iterations
+    "capacity": (partial(capacity_suite, keys=CAPACITY_KEYS), 1000, 3),
+    # configs/capacity_gpu.py: the same suite at 4 layers of width 128, 16k to 1M values (one GPU)
+    "capacity-gpu": (partial(capacity_suite, keys=(128, 256, 512, 1024), scale=("capacity_gpu",)), 8000, 3),
+}
+
+
+def config_path(name):
+    return os.path.join(ROOT, "configs", f"{name}.py")
+
+
+def facts_run(run, seed, out_dir, train_args, threads):
+    """Train one run in out_dir (emptied first); returns run_scores(out_dir)."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    train_and_log([*map(config_path, run.configs), *run.overrides, f"--seed={seed}", *train_args], out_dir, threads)
+    return run_scores(out_dir)
+
+
+def run_scores(out_dir):
+    """A finished run's sizes (from its start event), scores (from its last eval), accuracy half-way and at
+    every eval, and wall seconds from its start to its last eval, read from out_dir/log.jsonl."""
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        with open(path) as f:
+            events = [json.loads(line) for line in f]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path} ({e}): train the run again (without --report)") from None
+    start = next((e for e in events if e["event"] == "start"), None)
+    evals = [e for e in events if e["event"] == "eval"]
+    if start is None or not evals or evals[-1]["iter"] != start["config"]["max_iters"]:
+        raise UserError(f"{path} is not a finished run: train it again (without --report)")
+    final = evals[-1]
+    if "facts_acc" not in final:
+        raise UserError(f"{path} has no fact scores: does the dataset folder hold {EVAL_FILE}?")
+    half = min(evals, key=lambda e: abs(e["iter"] - final["iter"] / 2))
+    return {"params": start["params"], "active_params": start["active_params"],
+            "flops_per_token": start["flops_per_token"], "tokens": start["tokens_per_iter"] * final["iter"],
+            **{k: final[k] for k in ("val_loss", "facts_acc", "facts_acc_heldout", "facts_nll", "facts_nll_heldout")},
+            "facts_acc_half": half["facts_acc"], "wall_s": final["time"] - start["time"],
+            "curve": [(e["iter"] * start["tokens_per_iter"], e["facts_acc"]) for e in evals]}
+
+
+def markdown_table(rows):
+    def cell(key, value):
+        if key.startswith("facts_acc"):
+            return f"{value:.1%}"
+        if isinstance(value, float):
+            return f"{value:.3f}" if key != "wall_s" else f"{value:.0f}"
+        return f"{value:,}" if isinstance(value, int) and key != "seed" else str(value)
+    lines = ["| " + " | ".join(title for title, _ in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(key, row[key]) for _, key in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(rows):
+    """One line per model: its sizes and the mean ± half the range of its scores over seeds."""
+    lines = ["| model | seeds | params | FLOPs/token | fact acc | acc at half | held-out acc | answer NLL |",
+             "|---|---|---|---|---|---|---|---|"]
+    for model, group in by_model(rows, "seed").items():
+        one = next(r for r in rows if r["model"] == model)
+        lines.append(f"| {model} | {len(group)} | {one['params']:,} | {one['flops_per_token']:,} | "
+                     f"{spread(by_model(rows, 'facts_acc')[model])} | {spread(by_model(rows, 'facts_acc_half')[model])} | "
+                     f"{spread(by_model(rows, 'facts_acc_heldout')[model])} | "
+                     f"{mean(by_model(rows, 'facts_nll')[model]):.3f} |")
+    return "\n".join(lines)
+
+
+def by_model(rows, key):
+    """{model: [key of each of its rows]}, in the order the models first appear."""
+    values = {}
+    for r in rows:
+        values.setdefault(r["model"], []).append(r[key])
+    return values
+
+
+def mean(values):
+    return sum(values) / len(values)
+
+
+def spread(values):
+    """mean ± half the range, as text: the seed spread of a table row's model."""
+    return f"{mean(values):.1%}" + (f" ± {(max(values) - min(values)) / 2:.1%}" if len(values) > 1 else "")
+
+
+def headline(rows):
+    """The paper's claims, checked on means over seeds: Memory+ against dense at equal FLOPs, dense 2x and 4x
+    and the matched MoE; for a memory-size sweep, whether accuracy rises with size; whether dense has stopped."""
+    acc, nll = by_model(rows, "facts_acc"), by_model(rows, "facts_nll")
+    sweep = [m for m in acc if m.startswith("memplus_")]
+    memory = sweep[-1] if sweep else "memplus"
+    lines = []
+    if len(sweep) > 1:
+        steps = list(zip(sweep, sweep[1:]))
+        rising = sum(mean(acc[b]) > mean(acc[a]) for a, b in steps)
+        clear = sum(min(acc[b]) > max(acc[a]) for a, b in steps)
+        lines.append("- Fact accuracy by memory size: " + ", ".join(f"{m[8:]} {spread(acc[m])}" for m in sweep) +
+                     f"; the mean rises at {rising} of {len(steps)} steps (target: every one), {clear} of them "
+                     "beyond the seed spread of the size before")
+    if memory in acc and "dense" in acc:
+        ratio = mean(acc[memory]) / mean(acc["dense"]) if mean(acc["dense"]) else float("inf")
+        lines.append(f"- Memory+ ({memory}) fact accuracy {spread(acc[memory])} against dense {spread(acc['dense'])} "
+                     f"at equal FLOPs per token: {ratio:.1f}x (target: at least 2x)")
+    for other in ("dense2x", "dense4x"):
+        if memory in acc and other in acc:
+            lines.append(f"- Memory+ ({memory}) against dense with {other[5:]} the FLOPs: fact accuracy "
+                         f"{mean(acc[memory]):.1%} against {spread(acc[other])}, answer NLL {mean(nll[memory]):.3f} "
+                         f"against {mean(nll[other]):.3f}")
+    if memory in acc and "moe" in acc:
+        seeds = list(zip(acc[memory], acc["moe"]))
+        lines.append(f"- Memory+ ({memory}) fact accuracy {spread(acc[memory])} against {spread(acc['moe'])} for the MoE "
+                     f"matched in FLOPs and parameters; higher at {sum(a > b for a, b in seeds)} of {len(seeds)} seeds "
+                     "(target: every seed)")
+    half = by_model(rows, "facts_acc_half")
+    if memory in acc and "dense" in acc:
+        lines.append(f"- Gained in the second half of training (fact accuracy points, mean over seeds): dense "
+                     f"{100 * (mean(acc['dense']) - mean(half['dense'])):+.1f}, Memory+ ({memory}) "
+                     f"{100 * (mean(acc[memory]) - mean(half[memory])):+.1f}")
+    return "\n".join(lines)
+
+
+def plot_facts(rows, runs, path):
+    """Fact accuracy and answer NLL against total parameters (the means of each series as a line, seeds as
+    bars), and fact accuracy against tokens seen (mean over seeds); False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    series = {r.name: r.series for r in runs}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
+    groups = {}  # a line per series, a point per model outside one
+    for model in by_model(rows, "model"):
+        groups.setdefault(series.get(model) or model, []).append(model)
+    for label, models in groups.items():
+        color = next(colors)
+        for ax, key in ((axes[0], "facts_acc"), (axes[1], "facts_nll")):
+            points = [(by_model(rows, "params")[m][0], by_model(rows, key)[m]) for m in models]
+            x, ys = zip(*points)
+            ax.errorbar(x, [mean(y) for y in ys], yerr=[[mean(y) - min(y) for y in ys], [max(y) - mean(y) for y in ys]],
+                        marker="o", capsize=3, color=color, label=label, linestyle="-" if len(models) > 1 else "none")
+        for m, style in zip(models, ("-", "--", ":", "-.") * len(models)):
+            curves = by_model(rows, "curve")[m]
+            axes[2].plot([t for t, _ in curves[0]], [mean([c[i][1] for c in curves]) for i in range(len(curves[0]))],
+                         color=color, linestyle=style, label=m)
+    titles = ("recall against parameters (mean, bars: seed range)", "answer NLL against parameters",
+              "recall during training (mean over seeds)")
+    for ax, ylabel, title in zip(axes, ("fact accuracy (greedy exact match)", "answer NLL per token", "fact accuracy"),
+                                 titles):
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes[:2]:
+        ax.set_xscale("log")
+        ax.set_xlabel("total parameters")
+    axes[2].set_xlabel("tokens seen")
+    axes[0].legend(fontsize=8)
+    axes[2].legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_facts(args):
+    """The `facts` subcommand: train every model of the preset's suite, then write the results table and plot."""
+    suite, default_entities, default_seeds = PRESETS[args.preset]
+    entities = default_entities if args.entities is None else args.entities
+    seeds = default_seeds if args.seeds is None else args.seeds
+    if seeds < 1 or args.jobs < 1 or entities < 1:
+        raise UserError("--seeds, --jobs and --entities must be at least 1")
+    bad = [o for o in args.overrides if "=" not in o]
+    if bad:
+        raise UserError(f"overrides must look like key=value, got {bad}")
+    names = [r.name for r in suite(GPTConfig.vocab_size)]  # the names do not depend on the vocabulary
+    chosen = args.models.split(",") if args.models else names
+    unknown = [m for m in chosen if m not in names]
+    if unknown:
+        raise UserError(f"unknown models {unknown}: the {args.preset} preset has {', '.join(names)}")
+    dataset = "facts" if entities == DEFAULT_ENTITIES else f"facts_{entities}"
+    folder = os.path.join(args.data_dir, dataset)
+    if not os.path.exists(os.path.join(folder, EVAL_FILE)):
+        meta = write_facts(entities, 0, tuple(ATTRIBUTES), "compact", dataset, args.data_dir)
+        print(f"made {folder}: {meta['source']}")
+    with open(os.path.join(folder, "meta.json")) as f:
+        meta = json.load(f)
+    runs = [r for r in suite(meta["vocab_size"]) if r.name in chosen]
+    train_args = [f"--data_dir={args.data_dir}", f"--dataset={dataset}"] + [f"--{o}" for o in args.overrides]
+    jobs = [(r, seed) for r in runs for seed in range(1, (seeds if r.repeated else 1) + 1)]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs)
+
+    def train(job):
+        run, seed = job
+        out_dir = os.path.join(args.out, f"{run.name}_seed{seed}")
+        row = {"model": run.name, "seed": seed, **(run_scores(out_dir) if args.report else
+                                                   facts_run(run, seed, out_dir, train_args, threads))}
+        print(f"{run.name} seed {seed}: fact acc {row['facts_acc']:.1%}, answer nll {row['facts_nll']:.3f}, "
+              f"{row['wall_s']:.0f} s", flush=True)
+        return row
+
+    start = time.time()
+    with ThreadPoolExecutor(args.jobs) as pool:
+        rows = list(pool.map(train, jobs))
+    took = ("" if args.report else f", {len(jobs)} runs in {(time.time() - start) / 60:.0f} minutes with --jobs {args.jobs}")
+    settings = "\n".join(f"- {r.name}: `{' '.join([*r.configs, *r.overrides])}`" for r in runs)
+    report = (f"# Factual recall: memory against dense at equal compute ({args.preset})\n\nData: {meta['source']}. "
+              f"Command: `python bench.py facts {' '.join(args.argv)}`{took}.\n\n{summary_table(rows)}\n\n"
+              f"{headline(rows)}\n\nEvery run (wall s: from its start to its last eval):\n\n{markdown_table(rows)}\n\n"
+              f"Each model's configs (under configs/) and train.py overrides:\n{settings}\n")
+    if plot_facts(rows, runs, os.path.join(args.out, "facts.png")):
+        report += "\n![fact accuracy and answer NLL against parameters, and accuracy against tokens](facts.png)\n"
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+def add_commands(commands):
+    """bench.py's `facts` and `forgetting` subcommands."""
+    fo = commands.add_parser("forgetting", help="sparse memory finetuning against full finetuning and LoRA")
+    fo.add_argument("--out", default="runs/forgetting", help="data, runs, results.md and forgetting.png go here")
+    fo.add_argument("--base", help="a Memory+ run pretrained on OUT/data/kb to finetune (default: pretrain one)")
+    fo.add_argument("--quick", action="store_true", help="a tiny model and budget, one lr per method (a smoke run)")
+    fo.add_argument("--jobs", type=int, default=1, help="finetuning runs at once, sharing the CPU cores")
+    fo.set_defaults(run=run_forgetting)
+    f = commands.add_parser("facts", help="the factual-recall comparison: every model of a preset at one budget")
+    f.add_argument("--preset", choices=sorted(PRESETS), default="quick",
+                   help="quick: configs/facts_<model>.py (the default); capacity: the memory-size sweep on a knowledge "
+                        "base larger than the small dense model holds; capacity-gpu: that sweep at a GPU's scale")
+    f.add_argument("--models", help=f"comma-separated subset of the preset's models (quick: {','.join(QUICK_MODELS)}; "
+                                    f"capacity: dense,dense2x,dense4x,memplus_1k,memplus_4k,memplus_16k,memplus_64k,moe,peer)")
+    f.add_argument("--seeds", type=int, help="seeds of the repeated models, the others get one (default: quick 2, "
+                                              "capacity 3)")
+    f.add_argument("--entities", type=int, help="people in the knowledge base (default: the preset's)")
+    f.add_argument("--out", default="runs/facts", help="runs go to OUT/<model>_seed<seed>, results to OUT/results.md")
+    f.add_argument("--data_dir", default="data",
+                   help="the knowledge base is DATA_DIR/facts (or facts_<entities>), made if missing")
+    f.add_argument("--jobs", type=int, default=1, help="runs trained at once, sharing the CPU cores between them")
+    f.add_argument("--report", action="store_true", help="train nothing: write the table and plot of the runs in OUT")
+    f.add_argument("overrides", nargs="*", metavar="key=value", help="train.py settings for every run")
+    f.set_defaults(run=run_facts)
+
+
+# ---- forgetting: learning new facts without losing the old ---------------------------------------------
+FORGET_METHODS = {  # finetune mode: the settings swept (AdamW; the value tables keep 10x the others' lr)
+    "full": [{"learning_rate": lr, "min_lr": lr / 10, "mem_value_lr": 10 * lr} for lr in (1e-3, 3e-3)],
+    "lora": [{"learning_rate": lr, "min_lr": lr / 10} for lr in (3e-3, 1e-2)],
+    "values": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
+    "smf": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
+}
+FORGET_BUDGET = {  # (people in A, people in B, pretraining iterations, finetuning iterations, eval interval)
+    "full": (2000, 500, 1000, 150, 30),
+    "quick": (100, 30, 20, 10, 5),
+}
+QUICK_MODEL = ["--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--eval_iters=2",
+               "--facts_eval_size=40", "--mem_n_keys=16", "--mem_knn=8", "--mem_k_dim=16", "--smf_background_batches=4"]
+
+
+def first_at(evals, level):
+    """The first eval whose B accuracy reaches level, or None."""
+    return next((e for e in evals if e["facts_acc"] >= level), None)
+
+
+def run_forgetting(args):
+    """The `forgetting` subcommand: pretrain on A (or take --base), finetune on B by every method and lr."""
+    people, new_people, base_iters, iters, interval = FORGET_BUDGET["quick" if args.quick else "full"]
+    model = QUICK_MODEL if args.quick else ["--facts_eval_size=300", "--eval_iters=5"]  # 2 x 600 pairs per eval
+    data = os.path.join(args.out, "data")
+    if not os.path.exists(os.path.join(data, "kb_new", EVAL_FILE)):
+        write_facts(people, 0, tuple(ATTRIBUTES), "compact", "kb", data, new_entities=new_people)
+    common = [config_path("facts_common"), config_path("facts_memplus"), f"--data_dir={data}", *model]
+    base = args.base or os.path.join(args.out, "base")
+    if not args.base:
+        shutil.rmtree(base, ignore_errors=True)
+        train_and_log([*common, "--dataset=kb", f"--max_iters={base_iters}", f"--eval_interval={base_iters}"], base)
+    runs = [(method, settings) for method, sweep in FORGET_METHODS.items() for settings in sweep[:1 if args.quick else None]]
+
+    def finetune(method_settings):
+        method, settings = method_settings
+        key = "mem_value_lr" if method in ("values", "smf") else "learning_rate"
+        name = f"{method}_lr{settings[key]:g}"
+        out_dir = os.path.join(args.out, name)
+        shutil.rmtree(out_dir, ignore_errors=True)
+        events, wall = train_and_log([*common, "--dataset=kb_new", f"--init_from={base}", f"--finetune={method}",
+                                      "--facts_retain_dataset=kb", f"--max_iters={iters}", f"--eval_interval={interval}",
+                                      "--warmup_iters=0", *[f"--{k}={v!r}" for k, v in settings.items()]],
+                                     out_dir, max(1, (os.cpu_count() or 1) // args.jobs))
+        print(f"{name}: B acc {events[-1].get('facts_acc', 0):.1%}, A acc {events[-1].get('retain_facts_acc', 0):.1%}, "
+              f"{wall:.0f} s", flush=True)
+        return {"method": method, "name": name, "settings": settings, "wall_s": wall,
+                "evals": [e for e in events if e["event"] == "eval"]}
+
+    with ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(finetune, runs))
+    start = results[0]["evals"][0]
+    base_a, base_b = start["retain_facts_acc"], start["facts_acc"]
+    best = {m: max(e["facts_acc"] for r in results if r["method"] == m for e in r["evals"]) for m in FORGET_METHODS}
+    level = min(best.values())  # the B accuracy every method reaches
+    lines = [f"# Learning new facts without forgetting\n\nCommand: `python bench.py forgetting {' '.join(args.argv)}`. "
+             f"Memory+ pretrained on {people} people (A: {base_a:.1%} of their facts recalled, B: {base_b:.1%}), "
+             f"finetuned on {new_people} new people (B) for {iters} iterations, evaluated every {interval}.\n",
+             f"Equal learning: the first eval where B accuracy reaches {level:.1%}, the highest level every method "
+             "reaches; the drop of A accuracy is relative to the pretrained model's.\n",
+             "| method | run | iter | B acc (learned) | A acc (retained) | A drop | A val loss | best B acc | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    summary = {}
+    for r in results:
+        hit = first_at(r["evals"], level)
+        drop = (base_a - hit["retain_facts_acc"]) / base_a if hit and base_a else None
+        if hit and (r["method"] not in summary or drop < summary[r["method"]]):
+            summary[r["method"]] = drop
+        lines.append(f"| {r['method']} | {r['name']} | {hit['iter'] if hit else '-'} | "
+                     f"{hit['facts_acc']:.1%} | {hit['retain_facts_acc']:.1%} | "
+                     f"{'-' if drop is None else f'{drop:.0%}'} | {hit['retain_val_loss']:.3f} | " if hit else
+                     f"| {r['method']} | {r['name']} | - | - | - | - | - | ")
+        lines[-1] += f"{max(e['facts_acc'] for e in r['evals']):.1%} | {r['wall_s']:.0f} |"
+    lines.append("\nLowest A drop at equal learning, per method: " +
+                 ", ".join(f"{m} {d:.0%}" for m, d in summary.items() if d is not None) +
+                 ". Best B accuracy: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) + ".")
+    report = "\n".join(lines) + "\n"
+    if plot_forgetting(results, os.path.join(args.out, "forgetting.png")):
+        report += "\n![learned against retained](forgetting.png)\n"
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(report)
+    print(report)
+
+
+def plot_forgetting(results, path):
+    """Accuracy on B (learned) against accuracy on A (retained), a curve per run; False without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    colors = dict(zip(FORGET_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for r in results:
+        ax.plot([e["facts_acc"] for e in r["evals"]], [e["retain_facts_acc"] for e in r["evals"]], marker="o",
+                markersize=3, color=colors[r["method"]], label=r["name"], alpha=0.85)
+    ax.set_xlabel("fact accuracy on B (new facts, learned)")
+    ax.set_ylabel("fact accuracy on A (old facts, retained)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
