@@ -193,7 +193,7 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
     rows = [line for line in every_run.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
     assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
                                                   ["| memplus", "2"]]
-    assert "Memory+ fact accuracy" in table
+    assert "Memory+ (memplus) fact accuracy" in table
     assert all(len(r.split(" | ")) == len(bench_facts.COLUMNS) for r in rows)
 
 
