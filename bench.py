@@ -18,7 +18,7 @@ timing, at N = 2**14 ... 2**20 values, with dense AdamW and with sparse row upda
 optionally torch.compile; a fresh train.py process per measurement.
 
 ptx: every Triton kernel compiled by Triton's own compiler for sm_80 and sm_90 on any machine, no GPU needed
-(kernels.gpu_builds): per build, whether it compiled, registers, spills and 128-bit global loads.
+(kernel_builds.gpu_builds): per build, whether it compiled, registers, spills and 128-bit global loads.
 
 gpu: the one command to run on the first GPU at hand (`python bench.py gpu`, meant to take under 8 minutes
 on an H100): the card's copy bandwidth; the kernels at the paper's shapes in bf16 and fp32 against it and
@@ -43,6 +43,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+import kernel_builds
 import kernels
 from config import OneLineErrors, pick_device
 from errors import UserError
@@ -288,11 +289,11 @@ def run_train(args):
 
 
 def run_ptx(args):
-    """The `ptx` subcommand: a table (or JSON) of kernels.gpu_builds; exit 1 when a kernel fails to compile."""
+    """The `ptx` subcommand: a table (or JSON) of kernel_builds.gpu_builds; exit 1 when a kernel fails to compile."""
     if kernels.triton is None:
         raise UserError("bench.py ptx compiles the Triton kernels: pip install triton")
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    builds = kernels.gpu_builds(tuple(args.archs), tuple(dtypes[d] for d in args.dtypes),
+    builds = kernel_builds.gpu_builds(tuple(args.archs), tuple(dtypes[d] for d in args.dtypes),
                                 (torch.int32, torch.int64), args.dim)
     for b in builds:  # JSON-ready: dtypes as names
         b.update(dtype=str(b["dtype"]).removeprefix("torch."), index_dtype=str(b["index_dtype"]).removeprefix("torch."))

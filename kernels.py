@@ -23,15 +23,10 @@ everywhere.
 
 Tiles: BLOCK_K rows x BLOCK_D columns per program (_blocks). MEMORY_KERNELS_AUTOTUNE=1 in the environment
 (read at import; CUDA only, never under the interpreter) autotunes BLOCK_K, BLOCK_D and num_warps instead,
-per dim and dtypes, over a small space that holds the default. gpu_builds() compiles every kernel for
+per dim and dtypes, over a small space that holds the default. kernel_builds.py compiles every kernel for
 real GPUs without one and reports registers, spills and 128-bit loads.
 """
-import json
 import os
-import re
-import subprocess
-import sys
-import tempfile
 import warnings
 from typing import NamedTuple
 
@@ -346,96 +341,6 @@ def _launch(kernel, grid, tiles_for, *args, **constexprs):
     if not isinstance(kernel, triton.runtime.Autotuner):
         constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
     kernel[grid](*args, **constexprs)
-
-
-def gpu_builds(archs=(80, 90), dtypes=TRITON_DTYPES, index_dtypes=(torch.int32, torch.int64), dim=768, bag=128):
-    """Compile every Triton kernel for real NVIDIA GPUs with Triton's own compiler; no GPU needed.
-
-    Each kernel is specialised as the JIT specialises it at our call sites (Triton's own binder over
-    arguments shaped like ours: contiguous tables of `dim` columns, so unit strides become constants and
-    16-byte-aligned pointers and dims divisible by 16 get tt.divisibility), with the default tiles, for
-    each arch (compute capability: 80 = A100, 90 = H100), table dtype and index dtype (kernels that take
-    our own int64 positions rather than the caller's indices are built once, index_dtype "int64").
-    Returns one dict per build: kernel (the call site), arch, dtype, index_dtype, compiled, registers
-    (per thread, ptxas), spills (bytes of spill stores + loads), vector_loads_128 (128-bit ld.global in
-    the PTX: loads that vectorised) and error (None, or why it failed).
-    """
-    if triton is None:
-        raise RuntimeError("gpu_builds needs Triton")
-    if _INTERPRETED:  # compiling from inside the interpreter fails (it patches triton.language): a clean process
-        names = lambda ds: f"({''.join(f'{d}, ' for d in ds)})"
-        call = f"kernels.gpu_builds({tuple(archs)!r}, {names(dtypes)}, {names(index_dtypes)}, {dim}, {bag})"
-        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        done = subprocess.run([sys.executable, "-c", f"import json, torch, kernels; print(json.dumps({call}))"],
-                              cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"gpu_builds in a subprocess failed: {done.stderr[-2000:]}")
-        return json.loads(done.stdout.splitlines()[-1])
-    builds, seen = [], set()
-    for arch in archs:
-        for dtype in dtypes:
-            for index_dtype in index_dtypes:
-                for name, kernel, args, constexprs, uses_indices in _call_sites(dtype, index_dtype, dim, bag):
-                    key = (name, arch, dtype, index_dtype if uses_indices else torch.int64)
-                    if key not in seen:
-                        seen.add(key)
-                        builds.append(_gpu_build(name, kernel, args, constexprs, arch, dtype, key[3]))
-    return builds
-
-
-def _call_sites(dtype, index_dtype, dim, bag):
-    """(name, kernel, args, constexprs, takes the caller's indices) for each launch our code makes, tensors
-    as Triton MockTensors (16-byte aligned); kept in step with _bag, _pair_dots and _scatter_add."""
-    tensor = triton.runtime.MockTensor
-    table, indices, weights = tensor(dtype), tensor(index_dtype), tensor(torch.float32)
-    positions, fp32 = tensor(torch.int64), tensor(torch.float32)
-    tiles = dict(zip(("BLOCK_K", "BLOCK_D"), _blocks(torch.empty(0, dim, dtype=dtype))))
-    return [
-        ("bag forward", _bag_kernel, (table, dim, 1, indices, weights, positions, table, None, dim),
-         dict(tiles, SCATTER=False), True),
-        ("bag row grads", _bag_kernel, (table, dim, 1, positions, weights, positions, fp32, None, dim),
-         dict(tiles, SCATTER=False), False),
-        ("bag dense grad", _bag_kernel, (table, dim, 1, positions, weights, positions, fp32, positions, dim),
-         dict(tiles, SCATTER=True), False),
-        ("pair dots", _pair_dot_kernel, (table, dim, 1, indices, table, dim, 1, fp32, bag, dim), tiles, True),
-        ("scatter add", _scatter_add_kernel, (indices, weights, table, dim, 1, fp32, bag, dim), tiles, True),
-    ]
-
-
-def _gpu_build(name, kernel, args, constexprs, arch, dtype, index_dtype):
-    """One of gpu_builds' dicts: kernel specialised for args by the JIT's binder, compiled for arch."""
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas, sm_arch_from_capability
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-    result = dict(kernel=name, arch=arch, dtype=str(dtype).removeprefix("torch."),
-                  index_dtype=str(index_dtype).removeprefix("torch."), compiled=False, registers=None, spills=None,
-                  vector_loads_128=None, error=None)
-    try:
-        jit = kernel.fn if isinstance(kernel, triton.runtime.Autotuner) else kernel
-        target = GPUTarget("cuda", arch, 32)
-        backend = make_backend(target)
-        options = dict(constexprs, num_warps=4)
-        bound, specialization, rest = create_function_from_signature(jit.signature, jit.params, backend)(
-            *args, **options)
-        options, signature, constants, attrs = jit._pack_args(backend, options, bound, specialization, rest)
-        compiled = triton.compile(ASTSource(jit, signature, constants, attrs), target=target,
-                                  options=options.__dict__)
-        ptx = compiled.asm["ptx"]
-        with tempfile.TemporaryDirectory() as tmp:
-            source = os.path.join(tmp, "kernel.ptx")
-            with open(source, "w") as f:
-                f.write(ptx)
-            log = subprocess.run([get_ptxas(arch).path, "-v", f"--gpu-name={sm_arch_from_capability(arch)}",
-                                  source, "-o", os.path.join(tmp, "kernel.cubin")],
-                                 capture_output=True, text=True, check=True).stderr
-        spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
-        result.update(compiled=True, registers=int(re.search(r"Used (\d+) registers", log)[1]),
-                      spills=int(spills[1]) + int(spills[2]),
-                      vector_loads_128=len(re.findall(r"ld\.global\S*\.(?:v4\.[bfsu]32|v2\.[bfsu]64)\s", ptx)))
-    except Exception as e:  # a failed build is a result to report, not a reason to stop the others
-        result["error"] = f"{type(e).__name__}: {e}"[:2000]
-    return result
 
 
 _INTERPRETED = False

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+import kernel_builds
 import kernels
 
 
@@ -9,7 +10,7 @@ import kernels
 def test_every_kernel_builds_for_sm90_and_the_bag_loads_vectorise():
     """fp32 and bf16 tables, int32 indices, specialised as the JIT does at our call sites: every kernel
     compiles, none spills, and the bag's row loads are 128-bit (ld.global.v4), the bandwidth it needs."""
-    builds = kernels.gpu_builds(archs=(90,), dtypes=(torch.float32, torch.bfloat16), index_dtypes=(torch.int32,))
+    builds = kernel_builds.gpu_builds(archs=(90,), dtypes=(torch.float32, torch.bfloat16), index_dtypes=(torch.int32,))
     assert {(b["kernel"], b["dtype"]) for b in builds} == {
         (k, d) for k in ("bag forward", "bag row grads", "bag dense grad", "pair dots", "scatter add")
         for d in ("float32", "bfloat16")}
