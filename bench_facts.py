@@ -124,10 +124,11 @@ def config_path(name):
 
 
 def facts_run(run, seed, out_dir, train_args, threads):
-    """Train one run in out_dir (emptied first); returns run_scores(out_dir)."""
+    """Train one run in out_dir (emptied first); returns its run_scores."""
     shutil.rmtree(out_dir, ignore_errors=True)
-    train_and_log([*map(config_path, run.configs), *run.overrides, f"--seed={seed}", *train_args], out_dir, threads)
-    return run_scores(out_dir)
+    events, _ = train_and_log([*map(config_path, run.configs), *run.overrides, f"--seed={seed}", *train_args],
+                              out_dir, threads)
+    return log_scores(events, os.path.join(out_dir, "log.jsonl"))
 
 
 def run_scores(out_dir):
@@ -139,6 +140,11 @@ def run_scores(out_dir):
             events = [json.loads(line) for line in f]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot read {path} ({e}): train the run again (without --report)") from None
+    return log_scores(events, path)
+
+
+def log_scores(events, path):
+    """run_scores of the events of the log at path."""
     start = next((e for e in events if e["event"] == "start"), None)
     evals = [e for e in events if e["event"] == "eval"]
     if start is None or not evals or evals[-1]["iter"] != start["config"]["max_iters"]:
@@ -170,12 +176,12 @@ def summary_table(rows):
     """One line per model: its sizes and the mean ± half the range of its scores over seeds."""
     lines = ["| model | seeds | params | FLOPs/token | fact acc | acc at half | held-out acc | answer NLL |",
              "|---|---|---|---|---|---|---|---|"]
-    for model, group in by_model(rows, "seed").items():
-        one = next(r for r in rows if r["model"] == model)
-        lines.append(f"| {model} | {len(group)} | {one['params']:,} | {one['flops_per_token']:,} | "
-                     f"{spread(by_model(rows, 'facts_acc')[model])} | {spread(by_model(rows, 'facts_acc_half')[model])} | "
-                     f"{spread(by_model(rows, 'facts_acc_heldout')[model])} | "
-                     f"{mean(by_model(rows, 'facts_nll')[model]):.3f} |")
+    by_key = {key: by_model(rows, key) for key in ("seed", "params", "flops_per_token", "facts_acc", "facts_acc_half",
+                                                   "facts_acc_heldout", "facts_nll")}
+    for model, seeds in by_key["seed"].items():
+        lines.append(f"| {model} | {len(seeds)} | {by_key['params'][model][0]:,} | {by_key['flops_per_token'][model][0]:,} | "
+                     f"{spread(by_key['facts_acc'][model])} | {spread(by_key['facts_acc_half'][model])} | "
+                     f"{spread(by_key['facts_acc_heldout'][model])} | {mean(by_key['facts_nll'][model]):.3f} |")
     return "\n".join(lines)
 
 
@@ -232,14 +238,22 @@ def headline(rows):
     return "\n".join(lines)
 
 
-def plot_facts(rows, runs, path):
-    """Fact accuracy and answer NLL against total parameters (the means of each series as a line, seeds as
-    bars), and fact accuracy against tokens seen (mean over seeds); False without matplotlib."""
+def pyplot():
+    """matplotlib.pyplot drawing to files only, or None when matplotlib is not installed (it is optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot_facts(rows, runs, path):
+    """Fact accuracy and answer NLL against total parameters (the means of each series as a line, seeds as
+    bars), and fact accuracy against tokens seen (mean over seeds); False without matplotlib."""
+    plt = pyplot()
+    if plt is None:
         return False
     series = {r.name: r.series for r in runs}
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
@@ -442,11 +456,8 @@ def run_forgetting(args):
 
 def plot_forgetting(results, path):
     """Accuracy on B (learned) against accuracy on A (retained), a curve per run; False without matplotlib."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     fig, ax = plt.subplots(figsize=(6, 4.5))
     colors = dict(zip(FORGET_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
