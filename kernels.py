@@ -28,7 +28,7 @@ real GPUs without one and reports registers, spills and 128-bit loads.
 """
 import os
 import warnings
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,7 @@ GATHER_BYTES = 2**28  # rows gathered at a time by the torch backend's per-sampl
 
 
 def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_grad="deterministic",
-                  sparse_grad=False, read=None):
+                  sparse_grad=False, read=None, grad_into=None):
     """Weighted sum of rows. weight (N, dim); indices (tokens, bag) int32/int64; per_sample_weights
     (tokens, bag) any float dtype.
 
@@ -57,7 +57,10 @@ def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_gr
     rows read in ascending order then repeats of the last one with zero gradients, uncoalesced: counting
     the rows would sync the host). read: a copy of weight in a narrower dtype to read instead (memory.
     ValueTable's under autocast): the output is in read's dtype, weight's gradient in weight's dtype,
-    accumulated in fp32 and never rounded to read's. backend: "auto" (Triton for CUDA tensors when Triton
+    accumulated in fp32 and never rounded to read's. grad_into: a contiguous dense tensor of weight's shape,
+    dtype and device (not with sparse_grad): the backward adds weight's gradient into it in place, touching
+    only the rows read, and autograd gets none for weight (its hooks still run; torch.autograd.grad finds
+    none): many reads then share one gradient, never an (N, dim) tensor each (memory.ValueTable's). backend: "auto" (Triton for CUDA tensors when Triton
     is installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see
     the module docstring). The op and its backward are registered with torch.library, so torch.compile
     keeps them in its graph.
@@ -67,12 +70,17 @@ def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_gr
         raise ValueError(f"embedding_bag: read {tuple(table.shape)} on {table.device} must match weight "
                          f"{tuple(weight.shape)} on {weight.device}")
     use_triton = _use_triton(backend, weight_grad, table, indices, per_sample_weights)
+    if grad_into is not None and (sparse_grad or grad_into.layout != torch.strided or not grad_into.is_contiguous()
+                                  or (grad_into.shape, grad_into.dtype, grad_into.device)
+                                  != (weight.shape, weight.dtype, weight.device)):
+        raise ValueError(f"embedding_bag: grad_into must be a contiguous dense {tuple(weight.shape)} {weight.dtype} "
+                         f"tensor on {weight.device} like weight, and sparse_grad off")
     in_range = f"embedding_bag: indices must lie in [0, {weight.shape[0]})"
     if _sync_free(indices):  # checked on the device: no host sync, no graph break
         torch._assert_async(((indices >= 0) & (indices < weight.shape[0])).all(), in_range)
     elif indices.numel() and not 0 <= indices.min() <= indices.max() < weight.shape[0]:
         raise ValueError(in_range)
-    return _bag_op(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad)
+    return _bag_op(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad, grad_into)
 
 
 def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto", weight_grad="deterministic"):
@@ -127,8 +135,8 @@ def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
 
 @torch.library.custom_op("memory_layers::embedding_bag", mutates_args=())
 def _bag_op(weight: torch.Tensor, table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
-            use_triton: bool, weight_grad: str, sparse_grad: bool) -> torch.Tensor:
-    """The forward reads `table` (weight itself, or its narrower copy); gradients go to weight."""
+            use_triton: bool, weight_grad: str, sparse_grad: bool, grad_into: Optional[torch.Tensor]) -> torch.Tensor:
+    """The forward reads `table` (weight itself, or its narrower copy); gradients go to weight, or grad_into."""
     if not use_triton:
         return F.embedding_bag(indices, table, per_sample_weights=per_sample_weights.to(table.dtype), mode="sum")
     tokens, bag = indices.shape
@@ -137,31 +145,29 @@ def _bag_op(weight: torch.Tensor, table: torch.Tensor, indices: torch.Tensor, pe
 
 
 @_bag_op.register_fake
-def _(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad):
+def _(weight, table, indices, per_sample_weights, use_triton, weight_grad, sparse_grad, grad_into):
     return table.new_empty(indices.shape[0], table.shape[1])
 
 
-def _dense_backward(table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
-                    grad_out: torch.Tensor, use_triton: bool, weight_grad: str, grad_dtype: torch.dtype,
-                    need_weight: bool, need_psw: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(dense table gradient in grad_dtype, per-sample weight gradient), each empty when not needed."""
-    grad_weight, grad_psw = grad_out.new_empty(0, dtype=grad_dtype), per_sample_weights.new_empty(0)
-    atomic = use_triton and weight_grad == "atomic" and grad_dtype == torch.float32
-    pairs = row_offsets = None
-    if (need_weight and not atomic) or (need_psw and not use_triton):
+def _dense_backward(grad_weight: Optional[torch.Tensor], table: torch.Tensor, indices: torch.Tensor,
+                    per_sample_weights: torch.Tensor, grad_out: torch.Tensor, use_triton: bool, weight_grad: str,
+                    need_psw: bool) -> torch.Tensor:
+    """Adds the table gradient into grad_weight (dense (N, dim); None: not needed) in place, touching the rows
+    read only; returns the per-sample weight gradient, empty when not needed."""
+    grad_psw = per_sample_weights.new_empty(0)
+    atomic = use_triton and weight_grad == "atomic" and grad_weight is not None and grad_weight.dtype == torch.float32
+    pairs = None
+    if (grad_weight is not None and not atomic) or (need_psw and not use_triton):
         pairs = _sort_pairs(indices, per_sample_weights)
-        row_offsets = None if use_triton else _row_offsets(pairs, table.shape[0])
-    if need_weight and atomic:
-        grad_weight = _scatter_add(indices, per_sample_weights, grad_out, table.shape[0])
-    elif need_weight and use_triton:  # the rows read, each once, written into one zero fill
-        rows, offsets = _touched_rows(pairs, min(indices.numel(), table.shape[0]))
-        grad_weight = torch.zeros(table.shape, dtype=grad_dtype, device=grad_out.device)
-        _bag(grad_out, pairs.tokens, pairs.weights, offsets, True, grad_dtype, into=(grad_weight, rows))
-    elif need_weight:  # one bag per table row, empty for the rows nobody read
-        grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, row_offsets, False, grad_dtype)
+    if grad_weight is not None and atomic:
+        _scatter_add(indices, per_sample_weights, grad_out, grad_weight)
+    elif grad_weight is not None:  # each row read once, added to its row of grad_weight
+        num_bags = None if not _sync_free(indices) else min(indices.numel(), table.shape[0])
+        rows, offsets = _touched_rows(pairs, num_bags)
+        _bag(grad_out, pairs.tokens, pairs.weights, offsets, use_triton, grad_weight.dtype, into=(grad_weight, rows))
     if need_psw:
-        grad_psw = _psw_grad(table, indices, grad_out, use_triton, pairs, row_offsets).to(per_sample_weights.dtype)
-    return grad_weight, grad_psw
+        grad_psw = _psw_grad(table, indices, grad_out, use_triton, pairs).to(per_sample_weights.dtype)
+    return grad_psw
 
 
 def _row_backward(table: torch.Tensor, indices: torch.Tensor, per_sample_weights: torch.Tensor,
@@ -177,15 +183,14 @@ def _row_backward(table: torch.Tensor, indices: torch.Tensor, per_sample_weights
 
 
 _dense_backward_op = torch.library.custom_op("memory_layers::embedding_bag_backward", _dense_backward,
-                                             mutates_args=())
+                                             mutates_args=("grad_weight",))
 _row_backward_op = torch.library.custom_op("memory_layers::embedding_bag_row_backward", _row_backward,
                                            mutates_args=())
 
 
 @_dense_backward_op.register_fake
-def _(table, indices, per_sample_weights, grad_out, use_triton, weight_grad, grad_dtype, need_weight, need_psw):
-    return (grad_out.new_empty(table.shape if need_weight else 0, dtype=grad_dtype),
-            per_sample_weights.new_empty(per_sample_weights.shape if need_psw else 0))
+def _(grad_weight, table, indices, per_sample_weights, grad_out, use_triton, weight_grad, need_psw):
+    return per_sample_weights.new_empty(per_sample_weights.shape if need_psw else 0)
 
 
 @_row_backward_op.register_fake
@@ -197,8 +202,9 @@ def _(table, indices, per_sample_weights, grad_out, use_triton, grad_dtype, need
 
 
 def _setup_context(ctx, inputs, output):
-    weight, table, indices, per_sample_weights, ctx.use_triton, ctx.weight_grad, ctx.sparse_grad = inputs
+    weight, table, indices, per_sample_weights, ctx.use_triton, ctx.weight_grad, ctx.sparse_grad, grad_into = inputs
     ctx.grad_dtype = weight.dtype
+    ctx.grad_into = grad_into  # not saved: each read's backward changes it, which saved tensors refuse
     ctx.save_for_backward(table, indices, per_sample_weights)
 
 
@@ -212,9 +218,15 @@ def _backward(ctx, grad_out):
         grad_weight = torch.sparse_coo_tensor(rows.unsqueeze(0), grads, table.shape, is_coalesced=exact,
                                               check_invariants=False)
     else:
-        grad_weight, grad_psw = _dense_backward_op(table, indices, per_sample_weights, grad_out, ctx.use_triton,
-                                                   ctx.weight_grad, ctx.grad_dtype, need_weight, need_psw)
-    return (grad_weight if need_weight else None), None, None, (grad_psw if need_psw else None), None, None, None
+        grad_weight = ctx.grad_into
+        if need_weight and grad_weight is None:
+            grad_weight = torch.zeros(table.shape, dtype=ctx.grad_dtype, device=grad_out.device)
+        grad_psw = _dense_backward_op(grad_weight if need_weight else None, table, indices, per_sample_weights,
+                                      grad_out, ctx.use_triton, ctx.weight_grad, need_psw)
+        if ctx.grad_into is not None:
+            grad_weight = None  # added into grad_into
+    return ((grad_weight if need_weight else None), None, None, (grad_psw if need_psw else None), None, None, None,
+            None)
 
 
 _bag_op.register_autograd(_backward, setup_context=_setup_context)
@@ -264,11 +276,12 @@ def _row_grads(indices, per_sample_weights, grad_out, num_bags, use_triton, dtyp
 
 def _bag(table, indices, weights, offsets, use_triton, dtype, into=None):
     """Bag b sums weights[p] * table[indices[p]] over p in [offsets[b], offsets[b+1]), as a new (bags, dim)
-    tensor in dtype; into=(out, rows) (Triton) writes each non-empty bag b to out[rows[b]] instead."""
+    tensor in dtype; into=(out, rows) adds bag b to out[rows[b]] instead (out contiguous, in dtype)."""
     indices, weights = indices.reshape(-1), weights.reshape(-1)
     if not use_triton:  # grad_out is cast, not the sums: a half-precision grad_out still sums in fp32
-        return F.embedding_bag(indices, table.to(dtype), offsets, mode="sum", include_last_offset=True,
+        sums = F.embedding_bag(indices, table.to(dtype), offsets, mode="sum", include_last_offset=True,
                                per_sample_weights=weights.to(dtype))
+        return sums if into is None else into[0].index_add_(0, into[1], sums)
     bags, dim = len(offsets) - 1, table.shape[1]
     out, rows = into or (torch.empty(bags, dim, dtype=dtype, device=table.device), None)
     _launch(_bag_kernel, lambda meta: (bags, triton.cdiv(dim, meta["BLOCK_D"])), table,
@@ -276,10 +289,10 @@ def _bag(table, indices, weights, offsets, use_triton, dtype, into=None):
     return out
 
 
-def _psw_grad(table, indices, grad_out, use_triton, pairs, row_offsets=None):
+def _psw_grad(table, indices, grad_out, use_triton, pairs):
     if use_triton:
         return _pair_dots(table, indices, grad_out)
-    return _torch_pair_dots(table, indices, grad_out, pairs, row_offsets)
+    return _torch_pair_dots(table, indices, grad_out, pairs)
 
 
 def _pair_dots(table, indices, grad_out):
@@ -291,9 +304,8 @@ def _pair_dots(table, indices, grad_out):
     return out
 
 
-def _scatter_add(slots, per_sample_weights, grad_out, num_slots):
-    """(num_slots, dim) fp32: out[slots[t, j]] += w[t, j] * grad_out[t], with fp32 atomics."""
-    out = torch.zeros(num_slots, grad_out.shape[1], dtype=torch.float32, device=grad_out.device)
+def _scatter_add(slots, per_sample_weights, grad_out, out):
+    """out (slots, dim) fp32, contiguous: out[slots[t, j]] += w[t, j] * grad_out[t], with fp32 atomics."""
     tokens, dim = grad_out.shape
     _launch(_scatter_add_kernel, lambda meta: (tokens, triton.cdiv(dim, meta["BLOCK_D"])), grad_out,
             slots.contiguous(), per_sample_weights.contiguous(), grad_out, *grad_out.stride(), out, slots.shape[1],
@@ -301,22 +313,19 @@ def _scatter_add(slots, per_sample_weights, grad_out, num_slots):
     return out
 
 
-def _torch_pair_dots(table, indices, grad_out, pairs, row_offsets=None):
+def _torch_pair_dots(table, indices, grad_out, pairs):
     """Per-sample weight gradient with PyTorch ops: dot(grad_out[t], table[indices[t, j]]).
 
     On CPU (fp32/fp64) a sampled matmul over the row-sorted pairs streams each touched row once and
     never builds the (tokens, bag, dim) gather (measured 18 ms against 300 ms for gather + bmm at
     4096 x 128 pairs, dim 256); other devices and dtypes gather, in chunks (_gathered_pair_dots).
-    row_offsets: _row_offsets(pairs, N) when the caller has them.
     """
     if table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64):
         return _gathered_pair_dots(table, indices, grad_out)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the one op used here is tested
         warnings.simplefilter("ignore", UserWarning)
         values = torch.zeros_like(pairs.weights, dtype=table.dtype)  # beta=0 still adds 0 * values: NaN stays
-        if row_offsets is None:
-            row_offsets = _row_offsets(pairs, table.shape[0])
-        pattern = torch.sparse_csr_tensor(row_offsets, pairs.tokens, values,
+        pattern = torch.sparse_csr_tensor(_row_offsets(pairs, table.shape[0]), pairs.tokens, values,
                                           (table.shape[0], len(indices)), check_invariants=False)
     dots = torch.sparse.sampled_addmm(pattern, table, grad_out.t().to(table.dtype), beta=0.0).values()
     return torch.empty_like(dots).index_copy_(0, pairs.order, dots).view(indices.shape)
@@ -349,7 +358,7 @@ if triton is not None:
     def _bag_kernel(table, stride_row, stride_col, indices, weights, offsets, out, out_rows, dim,
                     SCATTER: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
         """Columns cols of bag b: sum of weights[p] * table[indices[p], cols] over p in [offsets[b], offsets[b+1]),
-        stored to out[b] (SCATTER: to out[out_rows[b]], and only for a non-empty bag).
+        stored to out[b] (SCATTER: added to out[out_rows[b]], and only for a non-empty bag).
 
         BLOCK_K rows are gathered and accumulated as a (BLOCK_K, BLOCK_D) tile, reduced over rows once after
         the loop, so the loads of one step never wait on a reduction of the previous one."""
@@ -367,12 +376,14 @@ if triton is not None:
             vals = tl.load(table + rows[:, None] * stride_row + cols[None, :] * stride_col,
                            mask=pair_mask[:, None] & col_mask[None, :], other=0).to(tl.float32)
             acc += vals * w[:, None]
-        total = tl.sum(acc, axis=0).to(out.dtype.element_ty)
+        total = tl.sum(acc, axis=0)
         if SCATTER:
             if end > start:
-                tl.store(out + tl.load(out_rows + b) * dim + cols, total, mask=col_mask)
+                dst = out + tl.load(out_rows + b) * dim + cols
+                total += tl.load(dst, mask=col_mask, other=0).to(tl.float32)
+                tl.store(dst, total.to(out.dtype.element_ty), mask=col_mask)
         else:
-            tl.store(out + b * dim + cols, total, mask=col_mask)
+            tl.store(out + b * dim + cols, total.to(out.dtype.element_ty), mask=col_mask)
 
     @triton.jit
     def _pair_dot_kernel(table, stride_row, stride_col, indices, grad_out, stride_gt, stride_gc, out, bag, dim,
@@ -414,6 +425,6 @@ if triton is not None:
     if AUTOTUNE and not _INTERPRETED:  # a small space around _blocks' default (16 rows, 1 KiB of a row, 4 warps)
         _CONFIGS = [triton.Config({"BLOCK_K": k, "BLOCK_D": d}, num_warps=w)
                     for k in (8, 16, 32) for d in (128, 256, 512) for w in (4, 8)]
-        _bag_kernel = triton.autotune(_CONFIGS, key=["dim", "SCATTER"])(_bag_kernel)
+        _bag_kernel = triton.autotune(_CONFIGS, key=["dim", "SCATTER"], restore_value=["out"])(_bag_kernel)
         _pair_dot_kernel = triton.autotune(_CONFIGS, key=["dim", "bag"])(_pair_dot_kernel)
-        _scatter_add_kernel = triton.autotune(_CONFIGS, key=["dim", "bag"], reset_to_zero=["out"])(_scatter_add_kernel)
+        _scatter_add_kernel = triton.autotune(_CONFIGS, key=["dim", "bag"], restore_value=["out"])(_scatter_add_kernel)

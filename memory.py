@@ -29,15 +29,18 @@ class ValueTable(nn.Module):
 
     Gradients: with sparse_grad (optim.RowAdamW), or when a read has fewer tokens * heads * knn pairs than
     ROW_GRADS_BELOW of the N rows, a read's backward yields only the rows it read (fp32 accumulation), so
-    3 layers sharing the table make no (N, v_dim) tensor each. (Larger reads touch most rows, and their
-    rows, which autograd sums by concatenation on CUDA and into merged copies on CPU, would outweigh the
-    dense (N, v_dim) gradient they then return.) After each backward a hook on `weight` makes of what
-    autograd accumulated what the optimizer takes. With sparse_grad it coalesces the rows, each once (on
-    CUDA the rows come padded and are concatenated, so .grad would otherwise grow with layers x micro-steps
-    x reads; one host sync per backward). Otherwise it adds them into one dense (N, v_dim) gradient in
-    weight's dtype, made by the first backward after the gradient was cleared; later micro-steps add into
-    it in place. Memory: that gradient, plus during a backward the rows its reads touched (min(pairs, N)
-    rows of v_dim fp32 per read). torch.autograd.grad, which skips the hook, returns a read's own gradient.
+    3 layers sharing the table make no (N, v_dim) tensor each. After each backward a hook on `weight` makes
+    of what autograd accumulated what the optimizer takes: with sparse_grad it coalesces the rows, each
+    once (on CUDA the rows come padded and are concatenated, so .grad would otherwise grow with layers x
+    micro-steps x reads; one host sync per backward); otherwise the gradient is dense.
+    Larger reads touch most rows, and their rows would outweigh a dense gradient: they add into one
+    (N, v_dim) buffer in weight's dtype, which the hook makes `weight.grad` and keeps for the run (the
+    first backward makes it). The first training read after the gradient was cleared (zero_grad) zeroes it
+    (or copies in a .grad set by hand) and makes it .grad again; each read's backward adds its rows into it
+    in place. So a step has one dense gradient, zero-filled once, whatever the layers and micro-steps,
+    and no read makes an (N, v_dim) tensor of its own. It costs N * v_dim * 4 bytes for the run (3 GiB at
+    1M x 768), which the gradient took during each backward anyway. torch.autograd.grad finds no table
+    gradient through such reads (it is in the buffer): use kernels.embedding_bag for that.
 
     Under autocast (bf16/fp16 on the weight's device) an fp32 table is read through a copy in the
     autocast dtype, so a read moves 2 bytes per value element (the forward, and the score gradient's
@@ -59,6 +62,7 @@ class ValueTable(nn.Module):
         self.usage = None  # while measuring: (num_values,) fp32, the summed weight each row was read with
         self.sparse_grad = False  # True: gradients hold the rows read only (for optim.RowAdamW)
         self._copy = self._copy_version = None  # the autocast read copy and weight._version when made
+        self._grad = None  # the dense gradient that large reads add into, made by the first backward
         self._hook_weight()
         self.register_load_state_dict_post_hook(ValueTable._after_load)
         self.reset_parameters()
@@ -71,19 +75,38 @@ class ValueTable(nn.Module):
         self.weight.register_post_accumulate_grad_hook(self._after_backward)
 
     def _after_backward(self, weight):
-        """The accumulated row gradients as the optimizer takes them (see the class docstring)."""
+        """The accumulated gradient as the optimizer takes it (see the class docstring)."""
         self._copy = None
         grad = weight.grad
-        if not grad.is_sparse:
+        if grad is None or not grad.is_sparse:
+            if self._grad is None and grad is not None and grad.is_contiguous():
+                self._grad = grad  # the first backward's dense gradient becomes the buffer
             return
         rows = grad._indices()[0]
         if not self.sparse_grad:
-            weight.grad = grad.to_dense()
+            weight.grad = self._grad = grad.to_dense()
         elif rows.device.type == "cpu" and bool((rows[1:] > rows[:-1]).all()):  # CPU rows come sorted, each once:
             weight.grad = torch.sparse_coo_tensor(  # autograd dropped the coalesced flag; coalesce() would copy
                 grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
         else:
             weight.grad = grad.coalesce()
+
+    def _grad_buffer(self):
+        """The dense gradient a training read adds into, made `weight.grad` (zeroed, or holding what was set
+        there) when it is not; None when reads do not take it."""
+        grad, weight = self._grad, self.weight
+        if grad is not None and (self.sparse_grad or (grad.shape, grad.dtype, grad.device)
+                                 != (weight.shape, weight.dtype, weight.device)):
+            self._grad = grad = None  # sparse now, or the weight moved: the next backward makes a new one
+        if grad is None or not (torch.is_grad_enabled() and weight.requires_grad):
+            return None
+        if weight.grad is not grad:
+            if weight.grad is None:
+                grad.zero_()
+            else:
+                grad.copy_(weight.grad)
+            weight.grad = grad
+        return grad
 
     def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
         self._copy = None
@@ -117,7 +140,9 @@ class ValueTable(nn.Module):
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
         rows_grad = self.sparse_grad or indices.numel() < self.ROW_GRADS_BELOW * len(self.weight)
-        return embedding_bag(self.weight, indices, weights, sparse_grad=rows_grad, read=self.read_copy())
+        grad = self._grad_buffer()
+        return embedding_bag(self.weight, indices, weights, sparse_grad=rows_grad, read=self.read_copy(),
+                             grad_into=None if rows_grad else grad)
 
     def record_usage(self, indices, weights):
         """Add a read's weights to `usage` when measuring (ProductKeyMemory calls it with its own tokens)."""

@@ -270,6 +270,36 @@ def test_sparse_gradients_of_several_reads_accumulate():
     assert_close(weight.grad.to_dense(), dense.grad.double(), torch.float32)
 
 
+@pytest.mark.parametrize("backend,weight_grad", CONFIGS)
+@pytest.mark.parametrize("pattern", ["random", "skewed"])
+def test_reads_add_their_table_gradient_into_grad_into(backend, weight_grad, pattern):
+    """grad_into: three reads (three layers) in one backward add their table gradients into one tensor that
+    already holds a gradient; the table itself gets none, the per-sample weights theirs."""
+    gen = torch.Generator().manual_seed(9)
+    weight = torch.randn(40, 11, generator=gen).requires_grad_()
+    reads = [(make_indices(pattern, 5, 6, 40, gen), torch.rand(5, 6, generator=gen).requires_grad_(),
+              torch.randn(5, 11, generator=gen)) for _ in range(3)]
+    earlier = torch.randn(40, 11, generator=gen)
+    into = earlier.clone()
+    sum((kernels.embedding_bag(weight, i, w, backend=backend, weight_grad=weight_grad, grad_into=into) * g).sum()
+        for i, w, g in reads).backward()
+    assert weight.grad is None
+    refs = [reference(weight, i, w, g) for i, w, g in reads]
+    assert_close(into - earlier, sum(r[1] for r in refs), torch.float32)
+    for (_, w, _), (_, _, want_grad_weights) in zip(reads, refs):
+        assert_close(w.grad, want_grad_weights, torch.float32)
+
+
+@pytest.mark.parametrize("into", [torch.zeros(10, 4, dtype=torch.float64), torch.zeros(10, 5), torch.zeros(4, 10).t(),
+                                  torch.zeros(10, 4).to_sparse(), "sparse_grad"],
+                         ids=["dtype", "shape", "strided", "sparse", "with-sparse-grad"])
+def test_bad_grad_into_raises(into):
+    weight, indices, weights = small_inputs()
+    call = dict(sparse_grad=True, grad_into=torch.zeros(10, 4)) if into == "sparse_grad" else dict(grad_into=into)
+    with pytest.raises(ValueError, match="grad_into must be"):
+        kernels.embedding_bag(weight, indices, weights, **call)
+
+
 def test_compile_keeps_the_op_in_one_graph():
     """torch.compile traces through the registered op (dense gradient): no graph break, same result."""
     import torch._dynamo
@@ -300,10 +330,12 @@ def test_backward_bodies_size_nothing_from_data(body):
     torch._dynamo.reset()
     weight, indices, weights, grad_out = half_table_inputs()
     _, want_grad_weight, want_grad_weights = reference(weight, indices, weights, grad_out)
-    if body == "dense":
+    if body == "dense":  # adds into a gradient that holds something already
         fn = torch.compile(kernels._dense_backward, fullgraph=True, backend=no_host_reads)
-        grad_weight, grad_weights = fn(weight, indices, weights, grad_out, False, "deterministic", torch.float32,
-                                       True, True)
+        earlier = torch.randn(weight.shape)
+        grad_weight = earlier.clone()
+        grad_weights = fn(grad_weight, weight, indices, weights, grad_out, False, "deterministic", True)
+        grad_weight -= earlier
     else:
         fn = torch.compile(kernels._row_backward, fullgraph=True, backend=no_host_reads)
         rows, grads, grad_weights = fn(weight, indices, weights, grad_out, False, torch.float32, True, False)
@@ -329,6 +361,7 @@ def test_gathered_pair_dots_in_chunks_equal_the_direct_dots():
 def test_dense_triton_backward_launches_over_the_rows_read(monkeypatch):
     """The sorted dense backward launches one program per row read (at most tokens * bag), not per table row."""
     grids, kernel = [], kernels._bag_kernel
+    monkeypatch.setattr(kernels, "_sync_free", lambda t: True)  # as on a GPU: the rows read are not counted
 
     class Spy:
         def __getitem__(self, grid):

@@ -167,6 +167,60 @@ def test_gradients_of_layers_x_micro_steps_stay_bounded_by_the_rows_read(monkeyp
     torch.testing.assert_close(grad.double(), dense_reference_grad(values.weight, reads, grads))
 
 
+class TensorsMade(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the shape of every tensor an op returns (not the ops inside a custom op)."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.shapes += [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        return out
+
+
+def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient():
+    """Reads of a quarter of the rows or more: 3 reads per backward, 4 micro-steps, then a new step after
+    zero_grad. Every backward after the first adds into one (N, v_dim) gradient (the same tensor, step after
+    step) and makes no (N, v_dim) tensor; each step's gradient is F.embedding_bag's."""
+    torch.manual_seed(11)
+    values = ValueTable(40, 6)
+    optimizer = torch.optim.SGD(values.parameters(), lr=0.0)
+    steps = [[[(torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6)) for _ in range(3)]
+              for _ in range(4)], [[(torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]]]
+    assert 20 >= ValueTable.ROW_GRADS_BELOW * 40  # 20 pairs a read: the dense path
+    buffer = None
+    for step, micro_steps in enumerate(steps):
+        optimizer.zero_grad()
+        for micro, reads in enumerate(micro_steps):
+            loss = sum((values(i, w) * g).sum() for i, w, g in reads)
+            with TensorsMade() as made:
+                loss.backward()
+            if step or micro:
+                assert (40, 6) not in made.shapes
+        buffer = buffer if buffer is not None else values.weight.grad
+        assert values.weight.grad is buffer and not buffer.is_sparse
+        reads = [(i, w) for reads in micro_steps for i, w, _ in reads]
+        grads = [g for reads in micro_steps for _, _, g in reads]
+        torch.testing.assert_close(values.weight.grad.double(), dense_reference_grad(values.weight, reads, grads),
+                                   rtol=1e-5, atol=1e-6)  # fp32 sums against fp64
+
+
+def test_a_converted_table_gets_a_new_gradient_buffer():
+    """The buffer is the weight's dtype and device: after .double() the old fp32 one is dropped, not added into."""
+    torch.manual_seed(13)
+    values = ValueTable(40, 6)
+    indices, weights = torch.randint(0, 40, (5, 4)), torch.rand(5, 4)
+    values(indices, weights).sum().backward()
+    values.double()
+    values.weight.grad = None
+    values(indices, weights.double()).sum().backward()
+    assert values.weight.grad.dtype == torch.float64 and values._grad is values.weight.grad
+    torch.testing.assert_close(values.weight.grad, dense_reference_grad(values.weight, [(indices, weights)],
+                                                                        [torch.ones(5, 6)]))
+
+
 def test_copied_tables_keep_their_gradient_hook():
     """deepcopy and pickling drop tensor hooks: a copied table must still give dense AdamW a dense gradient."""
     import copy
@@ -219,7 +273,10 @@ def test_reads_under_autocast_move_bf16_and_train_the_fp32_master(monkeypatch):
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-rows"])
 def test_layer_forward_and_backward_compile_in_one_graph_without_host_syncs(sparse):
     """A memory layer reading a ValueTable: forward and backward trace into one graph each (fullgraph), with
-    no size or value the host must read, and give eager's output and gradients."""
+    no size or value the host must read, and give eager's output and gradients, over a step of two
+    micro-steps and the next step (dense: the first backward makes the gradient buffer, the next step's first
+    read zeroes it, and reads add into it). keep_inference_input_mutations as inductor sets it."""
+    import copy
     import torch._dynamo
     from torch._dynamo.backends.common import aot_autograd
     torch._dynamo.reset()
@@ -227,20 +284,26 @@ def test_layer_forward_and_backward_compile_in_one_graph_without_host_syncs(spar
     layer = ProductKeyMemory(dim=16, n_keys=8, heads=2, knn=4, k_dim=8, v_dim=16)
     values = ValueTable(64, 16)
     values.sparse_grad = sparse
-    x = torch.randn(10, 16)
-    params = [values.weight, *layer.parameters()]
-
-    def step(x):
-        return layer(x, values).square().sum()
+    xs = torch.randn(3, 10, 16)
+    backend = aot_autograd(fw_compiler=boxed_no_host_reads, bw_compiler=boxed_no_host_reads,
+                           keep_inference_input_mutations=True)
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True, backend=aot_autograd(fw_compiler=boxed_no_host_reads,
-                                                                                  bw_compiler=boxed_no_host_reads))):
-        for p in params:
-            p.grad = None
-        loss = fn(x)
-        loss.backward()
-        results.append([loss.detach()] + [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in params])
-        assert values.weight.grad.is_sparse == sparse
+    for compiled in (False, True):
+        layer_, values_ = copy.deepcopy((layer, values))
+        params = [values_.weight, *layer_.parameters()]
+
+        def step(x):
+            return layer_(x, values_).square().sum()
+        fn = torch.compile(step, fullgraph=True, backend=backend) if compiled else step
+        results.append([])
+        for micro, x in enumerate(xs):  # micro-steps 0 and 1 make one step; 2 starts the next
+            if micro != 1:
+                for p in params:
+                    p.grad = None
+            loss = fn(x)
+            loss.backward()
+            results[-1] += [loss.detach()] + [p.grad.to_dense() if p.grad.is_sparse else p.grad.clone() for p in params]
+            assert values_.weight.grad.is_sparse == sparse
     for eager, compiled in zip(*results):
         torch.testing.assert_close(compiled, eager)
 
