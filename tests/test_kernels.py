@@ -321,7 +321,7 @@ def half_table_inputs(dtype=torch.bfloat16, num_rows=50, tokens=6, bag=7, dim=12
     return weight, indices, torch.rand(tokens, bag, generator=gen), torch.randn(tokens, dim, generator=gen).to(dtype)
 
 
-@pytest.mark.parametrize("body", ["dense", "rows"])
+@pytest.mark.parametrize("body", ["dense", "dense-into", "rows"])
 def test_backward_bodies_size_nothing_from_data(body):
     """The backward ops' bodies as they run on a GPU (torch backend; a bf16 table, so the per-sample weight
     gradient gathers rather than using the CPU's sparse product) trace into one graph whose every size is
@@ -330,12 +330,15 @@ def test_backward_bodies_size_nothing_from_data(body):
     torch._dynamo.reset()
     weight, indices, weights, grad_out = half_table_inputs()
     _, want_grad_weight, want_grad_weights = reference(weight, indices, weights, grad_out)
-    if body == "dense":  # adds into a gradient that holds something already
+    if body.startswith("dense"):  # a fresh gradient, or added into one that holds something already
         fn = torch.compile(kernels._dense_backward, fullgraph=True, backend=no_host_reads)
         earlier = torch.randn(weight.shape)
-        grad_weight = earlier.clone()
-        grad_weights = fn(grad_weight, weight, indices, weights, grad_out, False, "deterministic", True)
-        grad_weight -= earlier
+        into = earlier.clone() if body == "dense-into" else None
+        grad_weight, grad_weights = fn(into, weight, indices, weights, grad_out, False, "deterministic",
+                                       torch.float32, True, True)
+        if into is not None:
+            assert not grad_weight.numel()
+            grad_weight = into - earlier
     else:
         fn = torch.compile(kernels._row_backward, fullgraph=True, backend=no_host_reads)
         rows, grads, grad_weights = fn(weight, indices, weights, grad_out, False, torch.float32, True, False)
