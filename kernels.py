@@ -48,22 +48,22 @@ GATHER_BYTES = 2**28  # rows gathered at a time by the torch backend's per-sampl
 
 def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_grad="deterministic",
                   sparse_grad=False, read=None, grad_into=None):
-    """Weighted sum of rows. weight (N, dim); indices (tokens, bag) int32/int64; per_sample_weights
-    (tokens, bag) any float dtype.
+    """Weighted sum of rows. weight (N, dim); indices (tokens, bag) int32/int64; per_sample_weights (tokens, bag)
+    any float dtype.
 
-    Returns (tokens, dim) in the dtype of the table read, differentiable in weight and per_sample_weights.
-    The table gradient is dense (N, dim), or with sparse_grad a sparse COO tensor of the rows read (on the
-    CPU exactly those rows, coalesced; elsewhere and under torch.compile min(tokens * bag, N) rows, the
-    rows read in ascending order then repeats of the last one with zero gradients, uncoalesced: counting
-    the rows would sync the host). read: a copy of weight in a narrower dtype to read instead (memory.
-    ValueTable's under autocast): the output is in read's dtype, weight's gradient in weight's dtype,
-    accumulated in fp32 and never rounded to read's. grad_into: a contiguous dense tensor of weight's shape,
-    dtype and device (not with sparse_grad): the backward adds weight's gradient into it in place, touching
-    only the rows read, and autograd gets none for weight (its hooks still run; torch.autograd.grad finds
-    none): many reads then share one gradient, never an (N, dim) tensor each (memory.ValueTable's). backend: "auto" (Triton for CUDA tensors when Triton
-    is installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see
-    the module docstring). The op and its backward are registered with torch.library, so torch.compile
-    keeps them in its graph.
+    Returns (tokens, dim) in the dtype of the table read, differentiable in weight and per_sample_weights. The
+    table gradient is dense (N, dim), or with sparse_grad a sparse COO tensor of the rows read (on the CPU
+    exactly those rows, coalesced; elsewhere and under torch.compile min(tokens * bag, N) rows, the rows read
+    in ascending order then repeats of the last one with zero gradients, uncoalesced: counting the rows would
+    sync the host). read: a copy of weight in a narrower dtype to read instead (memory.ValueTable's under
+    autocast): the output is in read's dtype, weight's gradient in weight's dtype, accumulated in fp32 and
+    never rounded to read's. grad_into: a contiguous dense tensor of weight's shape, dtype and device (not
+    with sparse_grad): the backward adds weight's gradient into it in place, touching only the rows read, and
+    autograd gets none for weight (its hooks still run; torch.autograd.grad finds none): many reads then share
+    one gradient, never an (N, dim) tensor each (memory.ValueTable's). backend: "auto" (Triton for CUDA
+    tensors when Triton is installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or
+    "atomic" (see the module docstring). The op and its backward are registered with torch.library, so
+    torch.compile keeps them in its graph.
     """
     table = weight if read is None else read
     if table.shape != weight.shape or table.device != weight.device:
@@ -155,23 +155,24 @@ def _dense_backward(grad_into: Optional[torch.Tensor], table: torch.Tensor, indi
     """(dense table gradient in grad_dtype, per-sample weight gradient), each empty when not needed. With
     grad_into the table gradient is added into it in place instead (touching the rows read only)."""
     grad_weight, grad_psw = grad_out.new_empty(0, dtype=grad_dtype), per_sample_weights.new_empty(0)
-    into = need_weight and grad_into is not None
     atomic = use_triton and weight_grad == "atomic" and grad_dtype == torch.float32
+    row_bags = need_weight and grad_into is None and not use_triton  # a bag per table row: no zero fill
     pairs = row_offsets = None
     if (need_weight and not atomic) or (need_psw and not use_triton):
         pairs = _sort_pairs(indices, per_sample_weights)
-    if not use_triton and (need_psw or (need_weight and not into)):  # one bag per table row
+    if row_bags or (need_psw and not use_triton):
         row_offsets = _row_offsets(pairs, table.shape[0])
-    if need_weight and not into and (use_triton or atomic):
-        grad_weight = grad_into = torch.zeros(table.shape, dtype=grad_dtype, device=grad_out.device)
-    if need_weight and atomic:
-        _scatter_add(indices, per_sample_weights, grad_out, grad_into)
-    elif need_weight and (use_triton or into):  # each row read once, added to its row
-        num_bags = min(indices.numel(), table.shape[0]) if _sync_free(indices) else None
-        rows, offsets = _touched_rows(pairs, num_bags)
-        _bag(grad_out, pairs.tokens, pairs.weights, offsets, use_triton, grad_dtype, into=(grad_into, rows))
-    elif need_weight:  # one bag per table row, empty for the rows nobody read: no separate zero fill
+    if row_bags:  # empty bags for the rows nobody read
         grad_weight = _bag(grad_out, pairs.tokens, pairs.weights, row_offsets, False, grad_dtype)
+    elif need_weight:
+        if grad_into is None:
+            grad_weight = grad_into = torch.zeros(table.shape, dtype=grad_dtype, device=grad_out.device)
+        if atomic:
+            _scatter_add(indices, per_sample_weights, grad_out, grad_into)
+        else:  # each row read once, added to its row
+            num_bags = min(indices.numel(), table.shape[0]) if _sync_free(indices) else None
+            rows, offsets = _touched_rows(pairs, num_bags)
+            _bag(grad_out, pairs.tokens, pairs.weights, offsets, use_triton, grad_dtype, into=(grad_into, rows))
     if need_psw:
         grad_psw = _psw_grad(table, indices, grad_out, use_triton, pairs, row_offsets).to(per_sample_weights.dtype)
     return grad_weight, grad_psw

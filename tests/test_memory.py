@@ -180,10 +180,14 @@ class TensorsMade(torch.utils._python_dispatch.TorchDispatchMode):
         return out
 
 
-def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient():
+@pytest.mark.parametrize("gpu_form", [True, False], ids=["gpu-form", "cpu-form"])
+def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient(monkeypatch, gpu_form):
     """Reads of a quarter of the rows or more: 3 reads per backward, 4 micro-steps, then a new step after
     zero_grad. Every backward after the first adds into one (N, v_dim) gradient (the same tensor, step after
-    step) and makes no (N, v_dim) tensor; each step's gradient is F.embedding_bag's."""
+    step) and makes no (N, v_dim) tensor; each step's gradient is F.embedding_bag's. GPU form: the rows
+    read padded to a bound, not counted."""
+    if gpu_form:
+        monkeypatch.setattr(kernels, "_sync_free", lambda t: True)
     torch.manual_seed(11)
     values = ValueTable(40, 6)
     optimizer = torch.optim.SGD(values.parameters(), lr=0.0)
