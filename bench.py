@@ -27,7 +27,7 @@ training steps of configs/gpt2_small_memplus.py with torch.compile on random tok
 memory), with dense and with sparse value updates. One markdown table, printed and written to --out.
 `--device=cpu` runs the same code at tiny shapes, a smoke test.
 
-facts and forgetting: the benchmarks on the knowledge base of facts.py, in bench_facts.py.
+facts and forgetting: the benchmarks on the knowledge base of facts.py, in bench_facts.py and bench_forgetting.py.
 
 Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
@@ -48,6 +48,7 @@ import kernels
 from config import OneLineErrors, pick_device
 from errors import UserError
 import bench_facts
+import bench_forgetting
 from bench_facts import train_and_log
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -436,7 +437,8 @@ def main(argv=None):
     g.add_argument("--device", help="default cuda; cpu runs a tiny smoke test of the same code")
     g.add_argument("--out", default="runs/gpu.md", help="where the markdown table goes")
     g.set_defaults(run=run_gpu)
-    bench_facts.add_commands(commands)
+    bench_facts.add_command(commands)
+    bench_forgetting.add_command(commands)
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

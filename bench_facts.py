@@ -1,4 +1,4 @@
-"""The benchmarks that train models on the knowledge base of facts.py, run by `python bench.py facts|forgetting`.
+"""The factual-recall benchmark on the knowledge base of facts.py, run by `python bench.py facts`.
 
 facts: the factual-recall comparison, in one of two presets. `quick` (the default): every
 configs/facts_<model>.py (on top of configs/facts_common.py, which holds the data and the one training
@@ -9,11 +9,7 @@ largest memory (the paper's scaling figure in miniature). Either writes a markdo
 when matplotlib is installed) of fact accuracy and answer NLL against FLOPs and parameters, in
 OUT/results.md.
 
-forgetting: sparse memory finetuning against full finetuning, LoRA and all values: one Memory+ model
-pretrained on knowledge base A, finetuned on a disjoint knowledge base B by each method over a short
-learning-rate sweep; fact accuracy on B (learned) and on A (retained) at fixed intervals; OUT/results.md
-compares the retained-A drop where every method first reaches a common B accuracy, and
-OUT/forgetting.png draws learned against retained.
+The forgetting benchmark (bench_forgetting.py) trains on the same knowledge bases.
 
 Every run is train.py in a fresh process, read back from its log.jsonl (train_and_log).
 """
@@ -344,14 +340,8 @@ def run_facts(args):
     print(report)
 
 
-def add_commands(commands):
-    """bench.py's `facts` and `forgetting` subcommands."""
-    fo = commands.add_parser("forgetting", help="sparse memory finetuning against full finetuning and LoRA")
-    fo.add_argument("--out", default="runs/forgetting", help="data, runs, results.md and forgetting.png go here")
-    fo.add_argument("--base", help="a Memory+ run pretrained on OUT/data/kb to finetune (default: pretrain one)")
-    fo.add_argument("--quick", action="store_true", help="a tiny model and budget, one lr per method (a smoke run)")
-    fo.add_argument("--jobs", type=int, default=1, help="finetuning runs at once, sharing the CPU cores")
-    fo.set_defaults(run=run_forgetting)
+def add_command(commands):
+    """bench.py's `facts` subcommand."""
     f = commands.add_parser("facts", help="the factual-recall comparison: every model of a preset at one budget")
     f.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: configs/facts_<model>.py (the default); capacity: the memory-size sweep on a knowledge "
@@ -368,107 +358,3 @@ def add_commands(commands):
     f.add_argument("--report", action="store_true", help="train nothing: write the table and plot of the runs in OUT")
     f.add_argument("overrides", nargs="*", metavar="key=value", help="train.py settings for every run")
     f.set_defaults(run=run_facts)
-
-
-# ---- forgetting: learning new facts without losing the old ---------------------------------------------
-FORGET_METHODS = {  # finetune mode: the settings swept (AdamW; the value tables keep 10x the others' lr)
-    "full": [{"learning_rate": lr, "min_lr": lr / 10, "mem_value_lr": 10 * lr} for lr in (1e-3, 3e-3)],
-    "lora": [{"learning_rate": lr, "min_lr": lr / 10} for lr in (3e-3, 1e-2)],
-    "values": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
-    "smf": [{"mem_value_lr": lr} for lr in (1e-2, 3e-2)],
-}
-FORGET_BUDGET = {  # (people in A, people in B, pretraining iterations, finetuning iterations, eval interval)
-    "full": (2000, 500, 1000, 150, 30),
-    "quick": (100, 30, 20, 10, 5),
-}
-QUICK_MODEL = ["--n_embd=32", "--n_head=2", "--block_size=32", "--batch_size=8", "--eval_iters=2",
-               "--facts_eval_size=40", "--mem_n_keys=16", "--mem_knn=8", "--mem_k_dim=16", "--smf_background_batches=4"]
-
-
-def first_at(evals, level):
-    """The first eval whose B accuracy reaches level, or None."""
-    return next((e for e in evals if e["facts_acc"] >= level), None)
-
-
-def run_forgetting(args):
-    """The `forgetting` subcommand: pretrain on A (or take --base), finetune on B by every method and lr."""
-    people, new_people, base_iters, iters, interval = FORGET_BUDGET["quick" if args.quick else "full"]
-    model = QUICK_MODEL if args.quick else ["--facts_eval_size=300", "--eval_iters=5"]  # 2 x 600 pairs per eval
-    data = os.path.join(args.out, "data")
-    if not os.path.exists(os.path.join(data, "kb_new", EVAL_FILE)):
-        write_facts(people, 0, tuple(ATTRIBUTES), "compact", "kb", data, new_entities=new_people)
-    common = [config_path("facts_common"), config_path("facts_memplus"), f"--data_dir={data}", *model]
-    base = args.base or os.path.join(args.out, "base")
-    if not args.base:
-        shutil.rmtree(base, ignore_errors=True)
-        train_and_log([*common, "--dataset=kb", f"--max_iters={base_iters}", f"--eval_interval={base_iters}"], base)
-    runs = [(method, settings) for method, sweep in FORGET_METHODS.items() for settings in sweep[:1 if args.quick else None]]
-
-    def finetune(method_settings):
-        method, settings = method_settings
-        key = "mem_value_lr" if method in ("values", "smf") else "learning_rate"
-        name = f"{method}_lr{settings[key]:g}"
-        out_dir = os.path.join(args.out, name)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        events, wall = train_and_log([*common, "--dataset=kb_new", f"--init_from={base}", f"--finetune={method}",
-                                      "--facts_retain_dataset=kb", f"--max_iters={iters}", f"--eval_interval={interval}",
-                                      "--warmup_iters=0", *[f"--{k}={v!r}" for k, v in settings.items()]],
-                                     out_dir, max(1, (os.cpu_count() or 1) // args.jobs))
-        print(f"{name}: B acc {events[-1].get('facts_acc', 0):.1%}, A acc {events[-1].get('retain_facts_acc', 0):.1%}, "
-              f"{wall:.0f} s", flush=True)
-        return {"method": method, "name": name, "settings": settings, "wall_s": wall,
-                "evals": [e for e in events if e["event"] == "eval"]}
-
-    with ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(finetune, runs))
-    start = results[0]["evals"][0]
-    base_a, base_b = start["retain_facts_acc"], start["facts_acc"]
-    best = {m: max(e["facts_acc"] for r in results if r["method"] == m for e in r["evals"]) for m in FORGET_METHODS}
-    level = min(best.values())  # the B accuracy every method reaches
-    lines = [f"# Learning new facts without forgetting\n\nCommand: `python bench.py forgetting {' '.join(args.argv)}`. "
-             f"Memory+ pretrained on {people} people (A: {base_a:.1%} of their facts recalled, B: {base_b:.1%}), "
-             f"finetuned on {new_people} new people (B) for {iters} iterations, evaluated every {interval}.\n",
-             f"Equal learning: the first eval where B accuracy reaches {level:.1%}, the highest level every method "
-             "reaches; the drop of A accuracy is relative to the pretrained model's.\n",
-             "| method | run | iter | B acc (learned) | A acc (retained) | A drop | A val loss | best B acc | wall s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    summary = {}
-    for r in results:
-        hit = first_at(r["evals"], level)
-        drop = (base_a - hit["retain_facts_acc"]) / base_a if hit and base_a else None
-        if hit and (r["method"] not in summary or drop < summary[r["method"]]):
-            summary[r["method"]] = drop
-        lines.append(f"| {r['method']} | {r['name']} | {hit['iter'] if hit else '-'} | "
-                     f"{hit['facts_acc']:.1%} | {hit['retain_facts_acc']:.1%} | "
-                     f"{'-' if drop is None else f'{drop:.0%}'} | {hit['retain_val_loss']:.3f} | " if hit else
-                     f"| {r['method']} | {r['name']} | - | - | - | - | - | ")
-        lines[-1] += f"{max(e['facts_acc'] for e in r['evals']):.1%} | {r['wall_s']:.0f} |"
-    lines.append("\nLowest A drop at equal learning, per method: " +
-                 ", ".join(f"{m} {d:.0%}" for m, d in summary.items() if d is not None) +
-                 ". Best B accuracy: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) + ".")
-    report = "\n".join(lines) + "\n"
-    if plot_forgetting(results, os.path.join(args.out, "forgetting.png")):
-        report += "\n![learned against retained](forgetting.png)\n"
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(report)
-    print(report)
-
-
-def plot_forgetting(results, path):
-    """Accuracy on B (learned) against accuracy on A (retained), a curve per run; False without matplotlib."""
-    plt = pyplot()
-    if plt is None:
-        return False
-    fig, ax = plt.subplots(figsize=(6, 4.5))
-    colors = dict(zip(FORGET_METHODS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
-    for r in results:
-        ax.plot([e["facts_acc"] for e in r["evals"]], [e["retain_facts_acc"] for e in r["evals"]], marker="o",
-                markersize=3, color=colors[r["method"]], label=r["name"], alpha=0.85)
-    ax.set_xlabel("fact accuracy on B (new facts, learned)")
-    ax.set_ylabel("fact accuracy on A (old facts, retained)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return True

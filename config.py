@@ -63,6 +63,7 @@ class TrainConfig:
     lora_rank: int = 8  # rank of the adapters on the attention and dense FFN projections (finetune='lora')
     smf_rows: int = 500  # value rows per table updated each step: the batch's top rows by tf-idf (finetune='smf')
     smf_background_batches: int = 50  # pretraining batches whose reads give each row's idf (finetune='smf')
+    smf_idf: bool = True  # rank rows by tf * idf; False: by tf alone (an ablation)
     smf_background_dataset: str = ""  # those batches' dataset ('': the one the init_from checkpoint trained on)
     facts_retain_dataset: str = ""  # another dataset whose val loss and facts are also scored at each eval (retain_*)
 

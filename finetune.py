@@ -6,8 +6,9 @@ reads unusually often; everything else stays frozen, so what the model knew is m
 
     c(i)   = reads of row i by the step's batch (all tokens, heads, and memory layers sharing the table)
     tf(i)  = c(i) / sum_j c(j)
-    df(i)  = number of background (pretraining) batches, out of B, that read row i
-    idf(i) = log((B + 1) / (df(i) + 1))
+    df(i)  = number of background (pretraining) documents, out of D, that read row i; a document is one
+             sequence of a background batch
+    idf(i) = log((D + 1) / (df(i) + 1))
     train the top `rows` rows by tf(i) * idf(i) (ties: the lower row first; rows scoring 0 never)
 
 A row scoring 0 was either not read (it has no gradient anyway) or read by every background batch, the
@@ -87,29 +88,50 @@ class ReadCounts:
 
 @torch.no_grad()
 def document_frequency(model, batches, reduce=None):
-    """([df per table], B): how many of the background batches (token ids (batch, T), or (ids, targets))
-    read each row. Run it under the training run's autocast, where the search may pick other rows; under
-    torchrun every rank passes its own part of the same B batches and reduce=par.sum."""
-    counter, was_training = ReadCounts(model), model.training
+    """([df per table], D): in how many of the D background documents each row is read. A document is one
+    sequence of a batch (token ids (batch, T), or (ids, targets)), whichever memory layer read the row.
+    A whole batch would be too long a document: at 4,096 tokens it reads most rows of a 64k table, so df
+    saturates at D and idf is 0 for the rows new data reads too (docs/method.md section 6). Run it under
+    the training run's autocast, where the search may pick other rows; under torchrun every rank passes
+    its own part of the same batches and reduce=par.sum."""
+    reads = [[] for _ in model.values]  # per table, this batch's (document, row) keys of every layer
+
+    def hook(k):
+        def record(table, inputs):
+            rows = inputs[0].reshape(documents, -1).long()  # a layer's reads are (tokens, heads*knn), batch-major
+            reads[k].append(rows + len(table.weight) * torch.arange(documents, device=rows.device)[:, None])
+        return record
+
+    handles = [table.register_forward_pre_hook(hook(k)) for k, table in enumerate(model.values)]
+    was_training, n = model.training, 0
+    df = [torch.zeros(len(t.weight), dtype=torch.long, device=t.weight.device) for t in model.values]
     model.eval()
-    df, n = None, 0
     try:
         for batch in batches:
-            model(batch[0] if isinstance(batch, (tuple, list)) else batch)
-            read = [(c > 0).long() for c in counter.take(reduce)]
-            df = read if df is None else [d + r for d, r in zip(df, read)]
-            n += 1
+            ids = batch[0] if isinstance(batch, (tuple, list)) else batch
+            documents = len(ids)
+            model(ids)
+            for k, table in enumerate(model.values):
+                if reads[k]:
+                    read = torch.cat(reads[k]).flatten().unique() % len(table.weight)  # a row once per document
+                    df[k] += torch.bincount(read, minlength=len(table.weight))
+                reads[k] = []
+            n += documents
     finally:
-        counter.remove()
+        for handle in handles:
+            handle.remove()
         model.train(was_training)
     if not n:
         raise ValueError("document_frequency needs at least one background batch")
+    if reduce:
+        df = [reduce(d) for d in df]
+        n = int(reduce(torch.tensor(n, device=df[0].device if df else "cpu")))
     return df, n
 
 
-def inverse_document_frequency(df, n_batches):
-    """idf(i) = log((B + 1) / (df(i) + 1)), fp64, per table: 0 for rows every background batch reads."""
-    return [torch.log((n_batches + 1) / (d.double() + 1)) for d in df]  # exactly 0 where df = B
+def inverse_document_frequency(df, n_documents):
+    """idf(i) = log((D + 1) / (df(i) + 1)), fp64, per table: 0 for rows every background document reads."""
+    return [torch.log((n_documents + 1) / (d.double() + 1)) for d in df]  # exactly 0 where df = D
 
 
 def select_rows(counts, idf, rows):
@@ -121,7 +143,11 @@ def select_rows(counts, idf, rows):
 
 class SparseMemoryFinetune:
     """Counts each step's reads (training forwards only) and restricts the tables' gradients to the rows
-    select_rows picks: call mask_gradients() after the step's last backward, before clipping and the step."""
+    select_rows picks: call mask_gradients() after the step's last backward, before clipping and the step,
+    and measure_update() after the step. stats() says why a finetune learns or does not (per table): the
+    share of rows at idf 0 (never selectable), the rows the step read, the share of its reads and of its
+    value-gradient norm that fall in the selected rows, the selected rows' update against their norm, and
+    the rows selected at least once so far."""
 
     def __init__(self, model, idf, rows, reduce=None):
         if len(idf) != len(model.values):
@@ -129,14 +155,21 @@ class SparseMemoryFinetune:
         self.tables, self.idf, self.rows, self.reduce = list(model.values), idf, rows, reduce
         self.counter = ReadCounts(model, grad_only=True)
         self.selected = None  # the rows of each table that the last mask_gradients kept
+        self.measures = []  # per table, the last step's measures (tensors: stats() reads them)
+        self.before = []  # per table, the selected rows before the step (measure_update compares)
+        self.changed = [torch.zeros(len(t.weight), dtype=torch.bool, device=t.weight.device) for t in self.tables]
 
     @torch.no_grad()
     def mask_gradients(self):
         """Zero (dense) or drop (sparse) every other row's gradient; returns [selected rows per table]."""
-        self.selected = []
-        for table, counts, idf in zip(self.tables, self.counter.take(self.reduce), self.idf):
+        self.selected, self.measures, self.before = [], [], []
+        for table, counts, idf, changed in zip(self.tables, self.counter.take(self.reduce), self.idf, self.changed):
             rows = select_rows(counts, idf, self.rows).to(table.weight.device)
             self.selected.append(rows)
+            changed[rows] = True
+            measures = {"rows_read": (counts > 0).sum(), "read_mass": counts[rows].sum() / counts.sum().clamp(min=1)}
+            self.before.append(table.weight[rows].clone())
+            self.measures.append(measures)
             grad = table.weight.grad
             if grad is None:
                 continue
@@ -145,11 +178,28 @@ class SparseMemoryFinetune:
             if grad.is_sparse:
                 grad = grad.coalesce()
                 mine = keep[grad.indices()[0]]
+                total, kept = grad.values().norm(), grad.values()[mine].norm()
                 table.weight.grad = torch.sparse_coo_tensor(grad.indices()[:, mine], grad.values()[mine], grad.shape,
                                                             is_coalesced=True, check_invariants=False)
             else:
+                total = grad.norm()
                 grad.masked_fill_(~keep.unsqueeze(1), 0)
+                kept = grad.norm()
+            measures["grad_share"] = kept / total.clamp(min=1e-30)
         return self.selected
+
+    @torch.no_grad()
+    def measure_update(self):
+        """After the optimizer step: how far the selected rows moved, against their norm before it."""
+        for table, rows, before, measures in zip(self.tables, self.selected, self.before, self.measures):
+            measures["update_ratio"] = (table.weight[rows] - before).norm() / before.norm().clamp(min=1e-30)
+
+    def stats(self):
+        """The last step's measures as log fields, a list (one entry per table) under smf_<name>."""
+        out = {f"smf_{key}": [float(m[key]) for m in self.measures] for key in self.measures[0]} if self.measures else {}
+        out["smf_idf_zero"] = [float((idf == 0).double().mean()) for idf in self.idf]
+        out["smf_rows_changed"] = [int(changed.sum()) for changed in self.changed]
+        return out
 
     def remove(self):
         self.counter.remove()

@@ -169,10 +169,10 @@ def retained(config, meta):
 
 
 def sparse_finetune(model, checkpoint, config, device, par):
-    """finetune='smf': the row selection of finetune.SparseMemoryFinetune, with each row's idf from
-    smf_background_batches batches of the pretraining data (the dataset the checkpoint trained on, or
-    smf_background_dataset), read with the checkpoint's weights. The dataset is recorded in config, so a
-    resumed run reads the same one."""
+    """finetune='smf': the row selection of finetune.SparseMemoryFinetune, with each row's idf from the
+    sequences of smf_background_batches batches of the pretraining data (the dataset the checkpoint
+    trained on, or smf_background_dataset), read with the checkpoint's weights; smf_idf=False ranks by tf
+    alone. The dataset is recorded in config, so a resumed run reads the same one."""
     name = (config["smf_background_dataset"] or checkpoint["config"].get("smf_background_dataset")
             or checkpoint["config"]["dataset"])
     config["smf_background_dataset"] = name
@@ -181,6 +181,8 @@ def sparse_finetune(model, checkpoint, config, device, par):
     batches = (get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank, par.world)
                for _ in range(config["smf_background_batches"]))
     idf = inverse_document_frequency(*document_frequency(model, batches, par.sum))
+    if not config["smf_idf"]:
+        idf = [torch.ones_like(i) for i in idf]
     return SparseMemoryFinetune(model, idf, config["smf_rows"], par.sum)
 
 
@@ -241,7 +243,8 @@ class StopRequest:
 
 def make_optimizers(model, config, device):
     """{"optimizer": AdamW} over every parameter group (model.optimizer_groups), or with mem_sparse_update
-    AdamW without the value tables plus {"value_optimizer": RowAdamW} over them (touched rows only); with
+    AdamW without the value tables (if anything else trains) plus {"value_optimizer": RowAdamW} over them
+    (touched rows only); with
     optimizer='sgd', {"optimizer": SGD} over every group."""
     groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
     betas = (config["beta1"], config["beta2"])
@@ -253,8 +256,8 @@ def make_optimizers(model, config, device):
         return {"optimizer": torch.optim.SGD(groups)}
     value_groups = [g for g in groups if g["name"] == model.VALUE_GROUP] if config["mem_sparse_update"] else []
     dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
-    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")}
-    if value_groups:
+    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")} if dense_groups else {}
+    if value_groups:  # finetune='smf' or 'values' with mem_sparse_update: the value tables are all that trains
         optimizers["value_optimizer"] = RowAdamW(value_groups, betas=betas)
     return optimizers
 
@@ -396,6 +399,8 @@ def run(config, held):
                 for optimizer in optimizers.values():
                     scaler.step(optimizer)
                 scaler.update()
+                if smf:
+                    smf.measure_update()
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
             iter_num += 1
@@ -412,7 +417,7 @@ def run(config, held):
                     iter=iter_num, loss=loss_value, lr=lr,
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
                     tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
-                    **model.routing_stats())
+                    **model.routing_stats(), **(smf.stats() if smf else {}))
             signum = par.max(stop.signum or 0)  # a signal to any rank stops them all
             if signum:
                 save(iter_num)

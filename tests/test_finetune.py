@@ -81,9 +81,10 @@ def test_the_ranking_counts_every_layer_sharing_the_table_against_brute_force():
         model(tokens(3, 4))  # an evaluation in between reads rows but trains none
     selected, positive = smf.mask_gradients()[0].tolist(), every.mask_gradients()[0].tolist()
 
-    batch_reads, background_reads = reads_of(model, [ids])[0], reads_of(model, BACKGROUND)
+    # a document is one sequence: each background sequence read on its own
+    batch_reads, background_reads = reads_of(model, [ids])[0], reads_of(model, [s[None] for b in BACKGROUND for s in b])
     expected, expected_df = reference_selection(batch_reads, background_reads, n_rows)
-    assert n == len(BACKGROUND) and df[0].tolist() == expected_df.tolist()
+    assert n == sum(map(len, BACKGROUND)) and df[0].tolist() == expected_df.tolist()
     assert selected == expected and len(selected) == ROWS
     # rows scoring 0 (unread, or read by every background batch) are never selected
     assert positive == reference_selection(batch_reads, background_reads, n_rows, n_rows)[0]
@@ -91,6 +92,8 @@ def test_the_ranking_counts_every_layer_sharing_the_table_against_brute_force():
     # the test tells: counting one layer, or ranking by tf alone, picks other rows
     assert reference_selection(batch_reads[:1], background_reads, n_rows)[0] != expected
     assert reference_selection(batch_reads, [[np.zeros(1, int)]], n_rows)[0] != expected
+    # and whole batches as documents give other document frequencies
+    assert reference_selection(batch_reads, reads_of(model, BACKGROUND), n_rows)[1].tolist() != expected_df.tolist()
     assert model.training
 
 
