@@ -89,10 +89,7 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
                        "0 (decay until max_iters) or at least warmup_iters={warmup_iters}"),
     "nonfinite": one_of("stop", "skip"),
     "optimizer": one_of("adamw", "sgd"),
-    "finetune": (lambda v, c: v in FINETUNE_MODES and (v == "full" or c["init_from"] != "scratch")
-                 and not (v == "lora" and c["init_from"] == "resume"),
-                 " or ".join(map(repr, FINETUNE_MODES)) + "; all but 'full' finetune a trained model (init_from=its "
-                 "out_dir), and 'lora' cannot resume (its checkpoints hold the merged weights)"),
+    "finetune": one_of(*FINETUNE_MODES),  # and what each needs of init_from, checked after (validate)
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "device": (lambda v, c: DEVICE_NAME.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
     **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("dataset", "data_dir", "out_dir", "init_from")},
@@ -136,7 +133,7 @@ def set_key(config, key, value, where):
 
 
 def read_config_file(path):
-    """The keys a config file assigns, or a one-line ConfigError naming the file."""
+    """The keys a config file assigns (at least one), or a one-line ConfigError naming the file."""
     try:
         with open(path) as f:
             source = f.read()
@@ -149,7 +146,12 @@ def read_config_file(path):
         raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}")
     except Exception as e:
         raise ConfigError(f"config file {path} fails to run ({type(e).__name__}: {e})")
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    keys = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    if not keys:  # JSON, an empty file, bare expressions: nothing would change, so it is surely a mistake
+        raise ConfigError(f"config file {path} assigns no config key: write Python assignments such as "
+                          "dataset = 'shakespeare_char' (JSON or bare expressions assign nothing; "
+                          "`python train.py --help` lists the keys)")
+    return keys
 
 
 def parse_override(arg):
@@ -186,6 +188,13 @@ def validate(config):
         if not ok(value, config):
             instead = next((v for v in (defaults[key], 0) if ok(v, config)), defaults[key])
             raise ConfigError(f"{key}={value!r} must be {allowed.format(**config)}: write e.g. {key}={instead!r}")
+    mode, start = config["finetune"], config["init_from"]
+    if mode != "full" and start == "scratch":
+        raise ConfigError(f"finetune={mode!r} needs a trained model to start from, but init_from='scratch': set "
+                          "init_from=<a trained run's out_dir>, or finetune='full' to train from scratch")
+    if mode == "lora" and start == "resume":
+        raise ConfigError("finetune='lora' cannot resume (its checkpoints hold the merged weights): set "
+                          "init_from=<the out_dir it finetuned> to finetune again")
     gpt_config(config, GPTConfig.vocab_size)  # the vocabulary comes from the data, later
 
 
