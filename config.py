@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from data import DATASET_NAME, is_dataset_name
 from errors import ConfigError
 from finetune import FINETUNE_MODES
 from model import GPTConfig
@@ -92,7 +93,10 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
     "finetune": one_of(*FINETUNE_MODES),  # and what each needs of init_from, checked after (validate)
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "device": (lambda v, c: DEVICE_NAME.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("dataset", "data_dir", "out_dir", "init_from")},
+    **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("data_dir", "out_dir", "init_from")},
+    "dataset": (lambda v, c: is_dataset_name(v), DATASET_NAME),
+    **{k: (lambda v, c: v == "" or is_dataset_name(v), "'' (unset) or " + DATASET_NAME)
+       for k in ("facts_retain_dataset", "smf_background_dataset")},
 }
 
 

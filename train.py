@@ -24,7 +24,7 @@ import torch
 import distributed
 from checkpoint import STATE, WEIGHTS, load_latest, open_run, save_checkpoint
 from config import gpt_config, load_config, pick_device, pick_dtype, usage
-from data import batch_generator, get_batch, load_dataset
+from data import batch_generator, get_batch, load_dataset, same_vocabulary
 from errors import ConfigError, NumericsError, UserError
 from facts import describe_scores, load_eval, score_facts
 from finetune import SparseMemoryFinetune, document_frequency, inverse_document_frequency, merged_state, prepare
@@ -149,10 +149,6 @@ def run_details(config, device, dtype, world):
     return {"config": config, "torch": torch.__version__, "triton": triton_version,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "dtype": str(dtype).removeprefix("torch."), "command": [sys.executable, *sys.argv], "world": world}
-
-
-def same_vocabulary(meta, other):
-    return all(meta.get(k) == other.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids"))
 
 
 def retained(config, meta):
