@@ -8,6 +8,7 @@ import argparse
 import ast
 import difflib
 import inspect
+import json
 import math
 import re
 import sys
@@ -143,6 +144,13 @@ def read_config_file(path):
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        json.loads(source)
+    except ValueError:
+        pass  # not JSON: Python, as it should be
+    else:
+        raise ConfigError(f"config file {path} is JSON, not Python: write its keys as Python assignments such "
+                          "as dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
@@ -151,10 +159,9 @@ def read_config_file(path):
     except Exception as e:
         raise ConfigError(f"config file {path} fails to run ({type(e).__name__}: {e})")
     keys = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
-    if not keys:  # JSON, an empty file, bare expressions: nothing would change, so it is surely a mistake
+    if not keys:  # an empty file, bare expressions: nothing would change, so it is surely a mistake
         raise ConfigError(f"config file {path} assigns no config key: write Python assignments such as "
-                          "dataset = 'shakespeare_char' (JSON or bare expressions assign nothing; "
-                          "`python train.py --help` lists the keys)")
+                          "dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")
     return keys
 
 
