@@ -31,6 +31,7 @@ facts and forgetting: the benchmarks on the knowledge base of facts.py, in bench
 
 Every benchmark that trains starts train.py in a fresh process and reads its log.jsonl (train_and_log).
 """
+import argparse
 import contextlib
 import json
 import multiprocessing
@@ -142,15 +143,23 @@ def bench_shape(name, shape, dtype, device, backends, reps, copy):
     return results
 
 
-def parse_shape(text):
-    """A preset name or TOKENSxBAGxROWSxDIM, e.g. 4096x128x262144x256."""
-    if text in SHAPES:
-        return text, SHAPES[text]
-    try:
-        tokens, bag, num_rows, dim = (int(v) for v in text.split("x"))
-    except ValueError:
-        raise UserError(f"unknown shape {text!r}: a name in {sorted(SHAPES)} or TOKENSxBAGxROWSxDIM")
-    return text, (tokens, bag, num_rows, dim)
+def parse_shapes(text):
+    """--shapes: comma-separated preset names or TOKENSxBAGxROWSxDIM (e.g. 4096x128x262144x256), each at
+    least 1; a list of (name, shape), checked when the arguments are read."""
+    shapes = []
+    for name in text.split(","):
+        try:
+            shape = SHAPES.get(name) or tuple(int(v) for v in name.split("x"))
+        except ValueError:
+            shape = ()
+        if len(shape) != 4:
+            raise argparse.ArgumentTypeError(f"unknown shape {name!r}: a name in {sorted(SHAPES)} or "
+                                             "TOKENSxBAGxROWSxDIM")
+        if min(shape) < 1:
+            raise argparse.ArgumentTypeError(f"shape {name!r} has a size below 1: tokens, bag, rows and dim are "
+                                             "each at least 1")
+        shapes.append((name, shape))
+    return shapes
 
 
 def machine(device):
@@ -177,8 +186,8 @@ def run_kernels(args):
     reps = args.reps or (10 if device.type == "cuda" else 5)
     copy = copy_gbps(device, (1 << 30) if device.type == "cuda" else (256 << 20), reps)
     results = []
-    for text in (args.shapes or DEFAULT_SHAPES[device.type]).split(","):
-        results += bench_shape(*parse_shape(text), dtype, device, backends, reps, copy)
+    for name, shape in args.shapes or parse_shapes(DEFAULT_SHAPES[device.type]):
+        results += bench_shape(name, shape, dtype, device, backends, reps, copy)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     header = dict(machine=machine(device), device=device.type, dtype=str(dtype).removeprefix("torch."),
@@ -392,9 +401,24 @@ def run_gpu(args):
     print(table)
 
 
-def powers_of_two(text):
-    """--exponents: comma-separated exponents, e.g. 14,16,18,20."""
-    return [int(e) for e in text.split(",")]
+def numbers(text):
+    """Comma-separated whole numbers, e.g. 80,90."""
+    try:
+        return [int(e) for e in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated whole numbers")
+
+
+def even_exponents(least):
+    """--exponents: comma-separated table sizes as powers of two, e.g. 14,16,18,20; each even (N = n_keys**2)
+    and at least least, checked when the arguments are read."""
+    def parse(text):
+        exponents = numbers(text)
+        if any(e % 2 or e < least for e in exponents):
+            raise argparse.ArgumentTypeError(f"{text!r}: a table of N = n_keys**2 values needs even exponents of at "
+                                             f"least {least}, e.g. 14,16,18,20")
+        return exponents
+    return parse
 
 
 def main(argv=None):
@@ -403,8 +427,9 @@ def main(argv=None):
     commands = parser.add_subparsers(dest="command", required=True)
     k = commands.add_parser("kernels", help="embedding-bag forward/backward against F.embedding_bag")
     k.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    k.add_argument("--shapes", help=f"comma-separated names {sorted(SHAPES)} or TOKENSxBAGxROWSxDIM "
-                                    f"(default cpu: {DEFAULT_SHAPES['cpu']}; cuda: {DEFAULT_SHAPES['cuda']})")
+    k.add_argument("--shapes", type=parse_shapes,
+                   help=f"comma-separated names {sorted(SHAPES)} or TOKENSxBAGxROWSxDIM "
+                        f"(default cpu: {DEFAULT_SHAPES['cpu']}; cuda: {DEFAULT_SHAPES['cuda']})")
     k.add_argument("--backends", help="comma-separated subset of F.embedding_bag,torch,triton,triton-atomic")
     k.add_argument("--reps", type=int, help="timed calls per measurement (default 10 on cuda, 5 on cpu)")
     k.add_argument("--json", action="store_true", help="machine-readable output")
@@ -413,21 +438,22 @@ def main(argv=None):
     lay.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     lay.add_argument("--dim", type=int, default=256)
     lay.add_argument("--tokens", type=int, default=4096)
-    lay.add_argument("--exponents", type=powers_of_two, default=[14, 16, 18, 20],
-                     help="table sizes as powers of two, comma-separated (even: N = n_keys**2)")
+    lay.add_argument("--exponents", type=even_exponents(10), default=[14, 16, 18, 20],
+                     help="table sizes as powers of two, comma-separated (even: N = n_keys**2; from 10: "
+                          "n_keys >= knn = 32)")
     lay.add_argument("--reps", type=int, help="timed calls per measurement (default 10 on cuda, 5 on cpu)")
     lay.add_argument("--json", action="store_true")
     lay.set_defaults(run=run_layer)
     tr = commands.add_parser("train", help="whole training steps of a config across N, dense vs sparse updates")
     tr.add_argument("config", nargs="?", default="configs/shakespeare_char_memplus.py")
     tr.add_argument("overrides", nargs="*", help="--key=value overrides for train.py")
-    tr.add_argument("--exponents", type=powers_of_two, default=[14, 16, 18, 20])
+    tr.add_argument("--exponents", type=even_exponents(2), default=[14, 16, 18, 20])
     tr.add_argument("--iters", type=int, default=10, help="steps per timing window (the second window counts)")
     tr.add_argument("--compile", action="store_true", help="also time torch.compile")
     tr.add_argument("--json", action="store_true")
     tr.set_defaults(run=run_train)
     x = commands.add_parser("ptx", help="compile every Triton kernel for sm_80/sm_90 without a GPU")
-    x.add_argument("--archs", type=powers_of_two, default=[80, 90], help="compute capabilities (default 80,90)")
+    x.add_argument("--archs", type=numbers, default=[80, 90], help="compute capabilities (default 80,90)")
     x.add_argument("--dtypes", type=lambda t: t.split(","), default=["float32", "bfloat16", "float16"],
                    help="table dtypes, comma-separated")
     x.add_argument("--dim", type=int, default=768, help="the table width the kernels are specialised for")

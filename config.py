@@ -8,6 +8,7 @@ import argparse
 import ast
 import difflib
 import inspect
+import json
 import math
 import re
 import sys
@@ -15,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
+from data import DATASET_NAME, is_dataset_name
 from errors import ConfigError
 from finetune import FINETUNE_MODES
 from model import GPTConfig
@@ -90,13 +92,13 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
                        "0 (decay until max_iters) or at least warmup_iters={warmup_iters}"),
     "nonfinite": one_of("stop", "skip"),
     "optimizer": one_of("adamw", "sgd"),
-    "finetune": (lambda v, c: v in FINETUNE_MODES and (v == "full" or c["init_from"] != "scratch")
-                 and not (v == "lora" and c["init_from"] == "resume"),
-                 " or ".join(map(repr, FINETUNE_MODES)) + "; all but 'full' finetune a trained model (init_from=its "
-                 "out_dir), and 'lora' cannot resume (its checkpoints hold the merged weights)"),
+    "finetune": one_of(*FINETUNE_MODES),  # and what each needs of init_from, checked after (validate)
     "dtype": one_of("auto", "float32", "bfloat16", "float16"),
     "device": (lambda v, c: DEVICE_NAME.fullmatch(v), "'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("dataset", "data_dir", "out_dir", "init_from")},
+    **{k: (lambda v, c: v.strip() != "", "a name, not empty") for k in ("data_dir", "out_dir", "init_from")},
+    "dataset": (lambda v, c: is_dataset_name(v), DATASET_NAME),
+    **{k: (lambda v, c: v == "" or is_dataset_name(v), "'' (unset) or " + DATASET_NAME)
+       for k in ("facts_retain_dataset", "smf_background_dataset")},
 }
 
 
@@ -137,12 +139,19 @@ def set_key(config, key, value, where):
 
 
 def read_config_file(path):
-    """The keys a config file assigns, or a one-line ConfigError naming the file."""
+    """The keys a config file assigns (at least one), or a one-line ConfigError naming the file."""
     try:
         with open(path) as f:
             source = f.read()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}")
+    try:
+        json.loads(source)
+    except ValueError:
+        pass  # not JSON: Python, as it should be
+    else:
+        raise ConfigError(f"config file {path} is JSON, not Python: write its keys as Python assignments such "
+                          "as dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")
     namespace = {}
     try:
         exec(compile(source, path, "exec"), namespace)
@@ -150,7 +159,11 @@ def read_config_file(path):
         raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}")
     except Exception as e:
         raise ConfigError(f"config file {path} fails to run ({type(e).__name__}: {e})")
-    return {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    keys = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    if not keys:  # an empty file, bare expressions: nothing would change, so it is surely a mistake
+        raise ConfigError(f"config file {path} assigns no config key: write Python assignments such as "
+                          "dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")
+    return keys
 
 
 def parse_override(arg):
@@ -187,6 +200,13 @@ def validate(config):
         if not ok(value, config):
             instead = next((v for v in (defaults[key], 0) if ok(v, config)), defaults[key])
             raise ConfigError(f"{key}={value!r} must be {allowed.format(**config)}: write e.g. {key}={instead!r}")
+    mode, start = config["finetune"], config["init_from"]
+    if mode != "full" and start == "scratch":
+        raise ConfigError(f"finetune={mode!r} needs a trained model to start from, but init_from='scratch': set "
+                          "init_from=<a trained run's out_dir>, or finetune='full' to train from scratch")
+    if mode == "lora" and start == "resume":
+        raise ConfigError("finetune='lora' cannot resume (its checkpoints hold the merged weights): set "
+                          "init_from=<the out_dir it finetuned> to finetune again")
     gpt_config(config, GPTConfig.vocab_size)  # the vocabulary comes from the data, later
 
 

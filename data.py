@@ -63,6 +63,16 @@ class Tokenizer:
         return self.bpe.decode(ids)
 
 
+DATASET_NAME = "a plain folder name such as 'shakespeare_char' (no '/', not '.' or '..', not empty)"
+
+
+def is_dataset_name(name):
+    """A dataset is a folder directly under data_dir, so its name is a plain one: never a path that leads
+    out of data_dir ('../x', 'a/b') or to data_dir itself ('', '.'). prepare_data.py and train.py both
+    check names with this."""
+    return name.strip() != "" and name not in (".", "..") and not any(c in name for c in "/\\\0")
+
+
 def prepare_command(dataset):
     """The prepare_data.py command that makes a dataset of this name (shakespeare_char, facts, ...)."""
     corpus, _, tokenizer = dataset.partition("_")
@@ -88,6 +98,11 @@ def meta_problem(meta):
                       all(type(v) is item for v in values)):
         return f"has no list {table} of {vocab_size} {item.__name__}s (one per id), which a {kind} tokenizer needs"
     return None
+
+
+def same_vocabulary(meta, other):
+    """Whether two meta.json objects (a dataset's, a checkpoint's) describe one vocabulary."""
+    return all(meta.get(k) == other.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids"))
 
 
 def read_json(path, problem_of):

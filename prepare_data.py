@@ -14,6 +14,8 @@ and answer pairs that train.py scores at each eval.
 Tokenizers: "gpt2" (tiktoken's GPT-2 BPE, 50257 ids), "compact" (GPT-2 BPE restricted to the ids the
 corpus uses, renumbered 0..V-1: a small CPU model is otherwise dominated by a 50257-row output layer)
 and "char" (one id per character). meta.json holds what is needed to decode, so sample.py needs only it.
+
+NAME is a plain folder name under DATA_DIR; a dataset that exists there is replaced only with --overwrite.
 """
 import argparse
 import glob
@@ -26,15 +28,17 @@ import urllib.request
 from contextlib import contextmanager
 
 import numpy as np
+import torch
 
 import facts
 from config import OneLineErrors
-from data import TOKENIZERS, Tokenizer, gpt2_encoding
+from data import DATASET_NAME, TOKENIZERS, Tokenizer, gpt2_encoding, is_dataset_name, same_vocabulary
 from errors import UserError
 
 SHIPPED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
+OVERWRITE_HELP = "replace DATA_DIR/NAME if it holds a dataset (checkpoints under out/ trained on it are named)"
 
 
 def tokenize(text, kind, vocab_text=""):
@@ -57,6 +61,34 @@ def dataset_files(folder):
     """The files of the dataset in folder, meta.json first (written last, it marks a finished dataset)."""
     names = ["meta.json", facts.EVAL_FILE] + sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.bin")))
     return [os.path.join(folder, n) for n in names if os.path.exists(os.path.join(folder, n))]
+
+
+def trained_on(folder, root="out"):
+    """{path: meta} of the checkpoints under root (where train.py's configs write) that trained on the dataset
+    in folder: the ones prepare_data.py knows of, whose vocabulary a new dataset in folder may not match."""
+    found = {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "ckpt.pt"), recursive=True)):
+        try:  # mapped, not read: only the small config and meta are touched
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            config = checkpoint["config"]
+            if os.path.abspath(os.path.join(config["data_dir"], config["dataset"])) == os.path.abspath(folder):
+                found[path] = checkpoint["meta"]
+        except Exception:  # damaged, or not a checkpoint of train.py: not one of the dataset's
+            continue
+    return found
+
+
+def check_target(data_dir, name, overwrite):
+    """Before anything is read or written: name must be a plain one (data.is_dataset_name), and an existing
+    dataset is replaced only with --overwrite (the checkpoints trained on it are named)."""
+    if not is_dataset_name(name):
+        raise ValueError(f"--name={name!r} must be {DATASET_NAME}")
+    folder = os.path.join(data_dir, name)
+    if dataset_files(folder) and not overwrite:
+        trained = trained_on(folder)
+        users = (f"; {', '.join(trained)} trained on it and would no longer match another vocabulary"
+                 if trained else "")
+        raise ValueError(f"dataset {folder} exists{users}: choose another --name, or replace it with --overwrite")
 
 
 @contextmanager
@@ -272,6 +304,7 @@ def main(argv=None):
         p = sub.add_parser(corpus)
         p.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
         p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
+        p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         if corpus == "shakespeare":
             p.add_argument("--input", help="another copy of the corpus (default: corpora/tinyshakespeare.txt)")
             p.add_argument("--name", help="dataset name (default: shakespeare, or shakespeare_<tokenizer> "
@@ -294,10 +327,14 @@ def main(argv=None):
     p.add_argument("--input", nargs="+", help="local jsonl files with a 'text' field instead of the hub")
     p.add_argument("--name", default="fineweb_edu")
     p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     args = parser.parse_args(argv)
+    name = args.name if args.name is not None else (  # only shakespeare's has no default
+        "shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
     try:
+        for target in [name] + [f"{name}_new"] * (getattr(args, "new_entities", 0) > 0):
+            check_target(args.data_dir, target, args.overwrite)
         if args.corpus == "fineweb_edu":
-            name = args.name
             val_tokens = min(args.num_tokens // 10, 10_000_000) if args.val_tokens is None else args.val_tokens
             if val_tokens >= args.num_tokens:
                 raise ValueError(f"--val_tokens={val_tokens:,} leaves nothing of --num_tokens={args.num_tokens:,} "
@@ -306,7 +343,6 @@ def main(argv=None):
             meta = write_shards(fineweb_documents(args.input, args.subset), name, args.data_dir, args.num_tokens,
                                 val_tokens, args.shard_tokens, source)
         elif args.corpus == "facts":
-            name = args.name
             if args.new_entities < 0:
                 raise ValueError(f"--new_entities={args.new_entities} must be 0 (none) or more")
             meta = write_facts(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer, name,
@@ -314,9 +350,8 @@ def main(argv=None):
         else:
             if args.corpus == "shakespeare":
                 text, source = shakespeare_text(args.input, args.data_dir)
-                name = args.name or ("shakespeare" if args.tokenizer == "compact" else f"shakespeare_{args.tokenizer}")
             else:
-                text, source, name = read_text(args.input), " ".join(args.input), args.name
+                text, source = read_text(args.input), " ".join(args.input)
             meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
     except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
@@ -325,6 +360,12 @@ def main(argv=None):
                  "free disk space or choose another --data_dir")
     print(f"wrote {os.path.join(args.data_dir, name)}: {meta['train_tokens']:,} train and {meta['val_tokens']:,} "
           f"val tokens, {meta['tokenizer']} vocabulary of {meta['vocab_size']:,}")
+    folder = os.path.join(args.data_dir, name)
+    stale = [path for path, old in trained_on(folder).items() if not same_vocabulary(old, meta)] if args.overwrite \
+        else []
+    if stale:
+        print(f"warning: the vocabulary of {folder} changed; checkpoints trained on the old one cannot resume or "
+              f"finetune on it: {', '.join(stale)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import distributed
 from checkpoint import STATE, WEIGHTS, load_latest, open_run, save_checkpoint
 from config import gpt_config, load_config, pick_device, pick_dtype, usage
-from data import batch_generator, get_batch, load_dataset
+from data import batch_generator, get_batch, load_dataset, same_vocabulary
 from errors import ConfigError, NumericsError, UserError
 from facts import describe_scores, load_eval, score_facts
 from finetune import SparseMemoryFinetune, document_frequency, inverse_document_frequency, merged_state, prepare
@@ -151,10 +151,6 @@ def run_details(config, device, dtype, world):
             "dtype": str(dtype).removeprefix("torch."), "command": [sys.executable, *sys.argv], "world": world}
 
 
-def same_vocabulary(meta, other):
-    return all(meta.get(k) == other.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids"))
-
-
 def retained(config, meta):
     """(val split, facts sample) of facts_retain_dataset, which must share the run's vocabulary; None unset."""
     name = config["facts_retain_dataset"]
@@ -221,10 +217,9 @@ def starting_point(config, model_config, meta):
 
 
 class StopRequest:
-    """Remembers a SIGTERM or SIGINT so that training can finish its step, checkpoint and exit.
-
-    A second signal of the same kind acts at once (the default handler is restored after the first).
-    """
+    """Remembers a SIGTERM or SIGINT so that training can stop at the next micro-step, keep the last
+    completed step and exit. A second signal of the same kind acts at once (the default handler is
+    restored after the first)."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -336,8 +331,12 @@ def run(config, held):
         flops_per_token=model.flops_per_token(), tokens_per_iter=tokens_per_iter, device=device.type,
         mem_parallel=par.mem_parallel, init_from=ckpt_source, **run_details(config, device, dtype, par.world))
 
+    saved_iter = start_iter  # the iteration of the last save (a resumed checkpoint's), or the start
+
     def save(iter_num, val_loss=None):
         """Every rank calls it: the tables' columns are gathered on rank 0, which writes."""
+        nonlocal saved_iter
+        saved_iter = iter_num
         state = {"model": par.full_model_state(model),
                  **{name: par.full_optimizer_state(optimizer, model) for name, optimizer in optimizers.items()}}
 
@@ -350,10 +349,31 @@ def run(config, held):
                                 ckpt_path)
         par.agree(write)
 
+    def halt(signum):
+        """Ends the run for a signal, between micro-steps: the step in progress is abandoned (its gradients
+        are never applied), so the weights, optimizer and RNG are those after iter_num steps; they are
+        saved if a step completed since the last save. Every rank calls it."""
+        name = signal.Signals(signum).name
+        saved = iter_num != saved_iter
+        if saved:
+            save(iter_num)
+        kept = f"checkpoint written to {ckpt_path}" if saved else "no step completed since the last save"
+        log("stop", f"{name}: stopped at iter {iter_num}, {kept}; continue with --init_from=resume",
+            iter=iter_num, signal=name, saved=saved)
+        sys.exit(128 + signum)
+
+    def stop_signal():
+        """The signal any rank received (0: none). One process reads its flag; under torchrun the ranks
+        must agree, or those that stopped alone would leave the others waiting in a collective: one
+        small all-reduce (a host sync) per micro-step, the price of stopping within a micro-step."""
+        return par.max(stop.signum or 0)
+
     stop = StopRequest()
     try:
         iter_num, t0, timed_iters = start_iter, time.time(), 0
         while True:
+            if signum := stop_signal():
+                halt(signum)
             factor = lr_factor(iter_num, config)
             for optimizer in optimizers.values():
                 for g in optimizer.param_groups:
@@ -372,6 +392,8 @@ def run(config, held):
             loss_sum = 0.0
             micro_steps = config["gradient_accumulation_steps"]
             for micro_step in range(micro_steps):
+                if micro_step and (signum := stop_signal()):  # the first was checked before the eval
+                    halt(signum)
                 x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device,
                                  par.rank, par.world)
                 with par.sync(wrapped, last_micro_step=micro_step == micro_steps - 1):
@@ -418,13 +440,6 @@ def run(config, held):
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
                     tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
                     **model.routing_stats(), **(smf.stats() if smf else {}))
-            signum = par.max(stop.signum or 0)  # a signal to any rank stops them all
-            if signum:
-                save(iter_num)
-                name = signal.Signals(signum).name
-                log("stop", f"{name}: stopped at iter {iter_num}, checkpoint written to {ckpt_path}; "
-                            "continue with --init_from=resume", iter=iter_num, signal=name)
-                sys.exit(128 + signum)
     finally:
         stop.restore()
     return model

@@ -65,6 +65,14 @@ def checkpoint_meta(new_meta):
     return setup
 
 
+def trained_on_case_data(case):
+    """{case}/out/run holds the trained run, its checkpoint recording the case's data/tiny as its dataset."""
+    shutil.copytree(case.parent / "trained", case / "out" / "run")
+    path = case / "out" / "run" / "ckpt.pt"
+    checkpoint = torch.load(path, weights_only=True)
+    torch.save({**checkpoint, "config": {**checkpoint["config"], "data_dir": str(case / "data")}}, path)
+
+
 def append(path, content):
     def setup(case):
         with open(case / path, "ab") as f:
@@ -100,6 +108,18 @@ CASES = [
     pytest.param("device-mps-missing", "train.py", TRAIN + ["--device=mps"], None, ["device='mps'"], marks=MPS),
     ("out-dir-empty", "train.py", TRAIN + ["--out_dir="], None, ["out_dir=''"]),
     ("config-syntax-error", "train.py", ["{case}/bad.py"], write("bad.py", "n_layer = = 2\n"), ["bad.py line 1"]),
+    ("config-json", "train.py", ["{case}/cfg.py", "{data}/tiny/meta.json"] + TRAIN[1:], None,
+     ["meta.json is JSON, not Python"]),
+    ("config-json-dict", "train.py", ["{case}/cfg.py", "{case}/run.json"] + TRAIN[1:],
+     write("run.json", '{"max_iters": 1, "eval_interval": 1}'), ["run.json is JSON, not Python"]),
+    ("config-empty", "train.py", ["{case}/cfg.py", "{case}/empty.py"] + TRAIN[1:], write("empty.py", ""),
+     ["empty.py assigns no config key"]),
+    ("config-expressions", "train.py", ["{case}/cfg.py", "{case}/expr.py"] + TRAIN[1:],
+     write("expr.py", "'dataset', 'tiny'\n2 ** 10\n"), ["expr.py assigns no config key"]),
+    ("dataset-name-escapes", "train.py", TRAIN + ["--dataset=../escape"], None,
+     ["dataset='../escape'", "plain folder name"]),
+    ("finetune-without-init-from", "train.py", TRAIN + ["--finetune=smf"], None,
+     ["error: finetune='smf' needs a trained model", "init_from='scratch'"]),
     ("unknown-key", "train.py", TRAIN + ["--lerning_rate=1e-3"], None, ["lerning_rate", "learning_rate"]),
     ("memory-layer-beyond-model", "train.py", TRAIN + ["--memory_layers=(5,)"], None, ["memory_layers", "[5]"]),
     # train.py: out_dir
@@ -165,6 +185,9 @@ CASES = [
                  marks=CUDA),
     ("bench-unknown-shape", "bench.py", ["kernels", "--device=cpu", "--shapes=huge"], None, ["shape 'huge'"]),
     ("bench-exponents-not-numbers", "bench.py", ["layer", "--exponents=a,b"], None, ["--exponents", "'a,b'"]),
+    ("bench-exponents-odd", "bench.py", ["layer", "--exponents=7"], None, ["--exponents", "'7'", "even"]),
+    ("bench-shape-zero-bag", "bench.py", ["kernels", "--device=cpu", "--shapes=10x0x5x4"], None,
+     ["shape '10x0x5x4'", "at least 1"]),
     ("bench-facts-unknown-model", "bench.py", ["facts", "--models=gpt4", "--out={case}/facts"], None, ["gpt4"]),
     # sizing.py
     ("sizing-without-config", "sizing.py", ["--n_layer=2"], None, ["config file"]),
@@ -176,10 +199,10 @@ CASES = [
     # prepare_data.py
     ("prepare-input-missing", "prepare_data.py", ["text", "--input", "{case}/none.txt", "--name=x",
                                                   "--data_dir={data}"], None, ["none.txt"]),
-    ("prepare-input-not-utf8", "prepare_data.py", ["text", "--input", "{case}/in.txt", "--name=tiny",
+    ("prepare-input-not-utf8", "prepare_data.py", ["text", "--input", "{case}/in.txt", "--name=x",
                                                    "--data_dir={data}"], write("in.txt", b"\xff\xfe"),
      ["in.txt is not UTF-8"]),
-    ("prepare-input-empty", "prepare_data.py", ["text", "--input", "{case}/in.txt", "--name=tiny",
+    ("prepare-input-empty", "prepare_data.py", ["text", "--input", "{case}/in.txt", "--name=x",
                                                 "--data_dir={data}", "--tokenizer=char"], write("in.txt", ""),
      ["holds 0 tokens"]),
     ("prepare-tokenizer-unknown", "prepare_data.py", ["shakespeare", "--tokenizer=bpe", "--data_dir={data}"], None,
@@ -195,6 +218,17 @@ CASES = [
     ("prepare-data-dir-is-a-file", "prepare_data.py", ["text", "--input", "{case}/in.txt", "--name=x",
                                                        "--tokenizer=char", "--data_dir={case}/in.txt"],
      write("in.txt", "hello"), ["--data_dir", "in.txt"]),
+    ("prepare-name-escapes", "prepare_data.py", ["text", "--input", "{case}/cfg.py", "--name=../escape",
+                                                 "--tokenizer=char", "--data_dir={data}"], None,
+     ["--name='../escape'", "plain folder name"]),
+    ("prepare-name-empty", "prepare_data.py", ["text", "--input", "{case}/cfg.py", "--name=", "--tokenizer=char",
+                                               "--data_dir={data}"], None, ["--name=''", "not empty"]),
+    ("prepare-over-a-dataset", "prepare_data.py", ["text", "--input", "{case}/cfg.py", "--name=tiny",
+                                                   "--tokenizer=char", "--data_dir={data}"], trained_on_case_data,
+     ["data/tiny exists; out/run/ckpt.pt trained on it", "another vocabulary", "--overwrite"]),
+    ("prepare-facts-new-over-a-dataset", "prepare_data.py", ["facts", "--name=tiny", "--new_entities=5",
+                                                             "--n_entities=5", "--data_dir={case}"],
+     write("tiny_new/meta.json", "{}"), ["tiny_new exists", "--overwrite"]),
 ]
 
 
@@ -267,7 +301,9 @@ def results(tmp_path_factory, char_data_dir):
     ("--dtype=float8", "dtype='float8' must be 'auto' or 'float32' or 'bfloat16' or 'float16'"),
     ("--nonfinite=ignore", "nonfinite='ignore' must be 'stop' or 'skip'"),
     ("--device=cuda:x", "device='cuda:x' must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'"),
-    ("--dataset=", "dataset='' must be a name"),
+    ("--dataset=", "dataset='' must be a plain folder name"),
+    ("--dataset=a/b", "dataset='a/b' must be a plain folder name"),
+    ("--facts_retain_dataset=..", "facts_retain_dataset='..' must be '' (unset) or a plain folder name"),
     ("--init_from=", "init_from='' must be a name"),
     ("--n_head=5", "n_embd=384 must be divisible by n_head=5"),
 ])

@@ -1,4 +1,5 @@
-"""Datasets in numbered shards: prepare_data.py fineweb_edu on local jsonl files, read back by train.py."""
+"""Datasets in numbered shards: prepare_data.py fineweb_edu on local jsonl files, read back by train.py; an
+existing dataset replaced only with --overwrite."""
 import json
 import os
 import sys
@@ -66,7 +67,7 @@ def test_shards_hold_the_documents_in_order_and_train_reads_them(jsonl, document
 
 def test_writing_again_replaces_every_shard(jsonl, tmp_path):
     fineweb(jsonl, tmp_path, "--num_tokens=3000", "--val_tokens=500", "--shard_tokens=700")
-    fineweb(jsonl, tmp_path, "--num_tokens=1000", "--val_tokens=100", "--shard_tokens=2000")
+    fineweb(jsonl, tmp_path, "--num_tokens=1000", "--val_tokens=100", "--shard_tokens=2000", "--overwrite")
     assert sorted(os.listdir(tmp_path / "fineweb_edu")) == ["meta.json", "train_000000.bin", "val_000000.bin"]
 
 
@@ -77,10 +78,11 @@ def test_bad_input_midway_keeps_the_dataset_it_would_replace(jsonl, tmp_path):
     before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
     (tmp_path / "bad.jsonl").write_text('{"text": "a document"}\n' * 50 + "not json\n")
     with pytest.raises(SystemExit, match="bad.jsonl line 51 is not a JSON object"):
-        fineweb(str(tmp_path / "bad.jsonl"), tmp_path, "--num_tokens=3000", "--val_tokens=10", "--shard_tokens=20")
+        fineweb(str(tmp_path / "bad.jsonl"), tmp_path, "--num_tokens=3000", "--val_tokens=10", "--shard_tokens=20",
+                "--overwrite")
     assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
     assert sorted(os.listdir(tmp_path)) == ["bad.jsonl", "docs.jsonl", "fineweb_edu"]  # no staging folder left
-    fineweb(jsonl, tmp_path, "--num_tokens=1000", "--val_tokens=100", "--shard_tokens=2000")  # a good write replaces
+    fineweb(jsonl, tmp_path, "--num_tokens=1000", "--val_tokens=100", "--shard_tokens=2000", "--overwrite")
     assert sorted(os.listdir(folder)) == ["meta.json", "notes.txt", "train_000000.bin", "val_000000.bin"]
 
 
@@ -101,3 +103,32 @@ def test_streaming_without_the_datasets_package_says_what_to_install(tmp_path, m
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets now raises ImportError
     with pytest.raises(SystemExit, match="needs the Hugging Face `datasets` package: pip install datasets"):
         prepare_data.main(["fineweb_edu", "--num_tokens=100", "--data_dir", str(tmp_path)])
+
+
+def test_a_dataset_is_replaced_only_with_overwrite_which_names_the_checkpoints_it_breaks(tmp_path, monkeypatch,
+                                                                                        capsys):
+    monkeypatch.chdir(tmp_path)  # where train.py's out/ is looked for
+    (tmp_path / "a.txt").write_text("abc " * 100)
+    (tmp_path / "b.txt").write_text("xyz! " * 100)
+    text = ["text", "--tokenizer=char", "--name=mine", "--data_dir=data", "--input"]
+    prepare_data.main(text + ["a.txt"])
+    folder = tmp_path / "data" / "mine"
+    os.makedirs("out/run")  # a checkpoint trained on it, and one trained on another dataset
+    meta = json.loads((folder / "meta.json").read_text())
+    torch.save({"config": {"data_dir": "data", "dataset": "mine"}, "meta": meta}, "out/run/ckpt.pt")
+    os.makedirs("out/other")
+    torch.save({"config": {"data_dir": "data", "dataset": "theirs"}, "meta": meta}, "out/other/ckpt.pt")
+    before = {name: (folder / name).read_bytes() for name in os.listdir(folder)}
+    with pytest.raises(SystemExit) as refused:
+        prepare_data.main(text + ["b.txt"])
+    assert str(refused.value) == ("error: dataset data/mine exists; out/run/ckpt.pt trained on it and would no "
+                                  "longer match another vocabulary: choose another --name, or replace it with "
+                                  "--overwrite")
+    assert {name: (folder / name).read_bytes() for name in os.listdir(folder)} == before
+    capsys.readouterr()
+    prepare_data.main(text + ["a.txt", "--overwrite"])  # the same vocabulary: the checkpoint still matches
+    assert capsys.readouterr().err == ""
+    prepare_data.main(text + ["b.txt", "--overwrite"])
+    assert capsys.readouterr().err == ("warning: the vocabulary of data/mine changed; checkpoints trained on the "
+                                       "old one cannot resume or finetune on it: out/run/ckpt.pt\n")
+    assert json.loads((folder / "meta.json").read_text())["chars"] == [" ", "!", "x", "y", "z"]

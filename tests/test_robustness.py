@@ -186,7 +186,7 @@ def events(out_dir, kind):
         return [e for e in map(json.loads, f) if e["event"] == kind]
 
 
-def test_sigterm_finishes_the_step_and_writes_a_checkpoint(config_file, tmp_path):
+def test_sigterm_writes_the_last_completed_step(config_file, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(train_cmd(config_file, "--max_iters=100000"), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -199,6 +199,59 @@ def test_sigterm_finishes_the_step_and_writes_a_checkpoint(config_file, tmp_path
     stopped = events(out, "stop")[-1]
     assert stopped["signal"] == "SIGTERM" and stopped["iter"] >= 6
     assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == stopped["iter"]
+
+
+def stop_after(proc, out, ready, signum):
+    """Send signum to proc once ready(out) holds (polled in out's log); (returncode, stdout, stderr, seconds
+    from the signal to the exit). The test fails if proc ends before, or is still running 60 s after."""
+    while not (out / "log.jsonl").exists() or not ready(out):
+        assert proc.poll() is None, proc.stderr.read()
+        time.sleep(0.05)
+    proc.send_signal(signum)
+    sent = time.time()
+    try:
+        stdout, stderr = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        pytest.fail(f"{signal.Signals(signum).name} did not end the run within 60 s")
+    return proc.returncode, stdout, stderr, time.time() - sent
+
+
+def test_a_stop_ends_a_step_of_a_million_micro_steps_within_seconds(config_file, tmp_path):
+    """The stop is taken at the next micro-step, not at the end of the step; no step completed since
+    the checkpoint of iter 0, so it is left as it was."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(config_file, "--gradient_accumulation_steps=1000000", "--max_iters=10"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, stdout, stderr, seconds = stop_after(proc, out, lambda out: (out / "ckpt.pt").exists(), signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM and stderr == "", stderr
+    assert seconds < 30  # a few micro-steps of a few ms; generous for a loaded machine
+    stopped = events(out, "stop")[-1]
+    assert stopped["iter"] == 0 and not stopped["saved"]
+    assert stdout.endswith("SIGTERM: stopped at iter 0, no step completed since the last save; continue with "
+                           "--init_from=resume\n")
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 0 and not (out / "ckpt.prev.pt").exists()
+
+
+def test_a_stop_mid_step_keeps_the_last_completed_step_and_resumes_exactly(config_file, tmp_path):
+    """Ctrl-C inside a step of 200 micro-steps (about a second): the checkpoint is the state after the last
+    completed step, not after the step in progress, and the resumed run logs the uninterrupted run's losses."""
+    from fault_injection import losses
+    settings = ["--gradient_accumulation_steps=200", "--eval_interval=100", "--max_iters=5"]
+    reference = tmp_path / "reference"
+    assert subprocess.run(train_cmd(config_file, *settings, f"--out_dir={reference}")).returncode == 0
+    out = tmp_path / "out"
+    proc = subprocess.Popen(train_cmd(config_file, *settings), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    completed = []
+    code, _, stderr, _ = stop_after(proc, out, lambda out: completed.append(len(events(out, "train"))) or
+                                 completed[-1] >= 2, signal.SIGINT)
+    assert code == 128 + signal.SIGINT and stderr == "", stderr
+    stopped = events(out, "stop")[-1]
+    assert stopped["saved"] and stopped["iter"] == completed[-1] == load_checkpoint(str(out / "ckpt.pt"))["iter_num"]
+    assert subprocess.run(train_cmd(config_file, *settings, "--init_from=resume")).returncode == 0
+    assert losses(out) == losses(reference)
 
 
 def test_a_nan_stops_the_run_and_leaves_the_checkpoint_alone(config_file, tmp_path):
