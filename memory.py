@@ -38,7 +38,9 @@ class ValueTable(nn.Module):
     first backward makes it). The first training read after the gradient was cleared (zero_grad) zeroes it
     (or copies in a .grad set by hand) and makes it .grad again; each read's backward adds its rows into it
     in place. So a step has one dense gradient, zero-filled once, whatever the layers and micro-steps,
-    and no read makes an (N, v_dim) tensor of its own. It costs N * v_dim * 4 bytes for the run (3 GiB at
+    and no read makes an (N, v_dim) tensor of its own. A compiled step needs the buffer zeroed before it
+    runs, by the table's zero_grad() (train.py calls it after the optimizer's): zeroed inside the compiled
+    forward, Inductor would zero a second (N, v_dim) tensor, keep it for the backward and copy it back. It costs N * v_dim * 4 bytes for the run (3 GiB at
     1M x 768), which the gradient took during each backward anyway. torch.autograd.grad finds no table
     gradient through such reads (it is in the buffer): use kernels.embedding_bag for that.
 
@@ -107,6 +109,12 @@ class ValueTable(nn.Module):
                 grad.copy_(weight.grad)
             weight.grad = grad
         return grad
+
+    def zero_grad(self, set_to_none=True):
+        """Clear the gradient for the next step, the dense buffer zeroed in place and kept as weight.grad, so
+        that the next (compiled) read finds it ready and adds into it (see the class docstring)."""
+        super().zero_grad(set_to_none)
+        self._grad_buffer()
 
     def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
         self._copy = None

@@ -398,6 +398,8 @@ def run(config, held):
                 scaler.update()
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
+            for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
+                table.zero_grad()
             iter_num += 1
             timed_iters += 1
 
