@@ -26,6 +26,7 @@ Tiles: BLOCK_K rows x BLOCK_D columns per program (_blocks). MEMORY_KERNELS_AUTO
 per dim and dtypes, over a small space that holds the default. kernel_builds.py compiles every kernel for
 real GPUs without one and reports registers, spills and 128-bit loads.
 """
+import contextlib
 import os
 import warnings
 from typing import NamedTuple, Optional
@@ -358,10 +359,12 @@ def _blocks(table):
 
 
 def _launch(kernel, grid, tiles_for, *args, **constexprs):
-    """kernel[grid](*args) with _blocks(tiles_for) tiles, or the autotuner's when it wraps the kernel."""
+    """kernel[grid](*args) with _blocks(tiles_for) tiles, or the autotuner's when it wraps the kernel, on
+    tiles_for's GPU: Triton launches on the current device, which a run on cuda:1 never sets."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
-    kernel[grid](*args, **constexprs)
+    with torch.cuda.device(tiles_for.device) if tiles_for.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs)
 
 
 _INTERPRETED = False
