@@ -355,7 +355,7 @@ def run(config, held):
             for optimizer in optimizers.values():
                 for g in optimizer.param_groups:
                     g["lr"] = g["peak_lr"] * factor
-            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+            if config["eval_interval"] and (iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]):
                 message, fields = evaluate(model, step_model, splits, config, device, autocast, par,
                                            facts_sample, iter_num, retain)
                 log("eval", message, **fields)
