@@ -80,7 +80,8 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
         "batch_size", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel",
         "lora_rank", "smf_rows", "smf_background_batches")},
     **{k: (lambda v, c: v >= 0, "at least 0") for k in (
-        "max_iters", "eval_interval", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip", "mem_value_grad_clip")},
+        "max_iters", "eval_interval", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip",
+        "mem_value_grad_clip")},
     **{k: (lambda v, c: v > 0, "above 0") for k in ("learning_rate", "mem_value_lr", "rope_theta", "norm_eps")},
     **{k: (lambda v, c: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")},
     "seed": (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)"),

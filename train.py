@@ -365,6 +365,8 @@ def run(config, held):
             if iter_num >= config["max_iters"]:
                 break
 
+            for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
+                table.zero_grad()
             generator = batch_generator(config["seed"], iter_num)
             loss_sum = 0.0
             micro_steps = config["gradient_accumulation_steps"]
@@ -398,8 +400,6 @@ def run(config, held):
                 scaler.update()
             for optimizer in optimizers.values():
                 optimizer.zero_grad(set_to_none=True)
-            for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
-                table.zero_grad()
             iter_num += 1
             timed_iters += 1
 
