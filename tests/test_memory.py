@@ -242,6 +242,29 @@ def test_a_compiled_step_adds_into_the_gradient_buffer_itself():
                                                                      [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
 
 
+def test_zero_grad_readies_the_buffer_that_small_and_large_reads_add_into():
+    """The table's zero_grad makes the dense buffer before any backward and zeroes it before each step, as
+    weight.grad; a read of few pairs (a row gradient, which autograd adds in) and one of many (added in by
+    its backward) both land in it, step after step. A table with sparse_grad gets no buffer."""
+    torch.manual_seed(15)
+    values = ValueTable(40, 6)
+    buffers = []
+    for _ in range(2):
+        values.zero_grad()
+        buffers.append(values.weight.grad)
+        assert not buffers[-1].any()
+        reads = [(torch.randint(0, 40, (1, 3)), torch.rand(1, 3), torch.randn(1, 6)),  # 3 pairs: a row gradient
+                 (torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]  # 20: into the buffer
+        sum((values(i, w) * g).sum() for i, w, g in reads).backward()
+        assert values.weight.grad is buffers[0] is buffers[-1]
+        torch.testing.assert_close(buffers[-1].double(), dense_reference_grad(
+            values.weight, [r[:2] for r in reads], [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
+    sparse = ValueTable(40, 6)
+    sparse.sparse_grad = True
+    sparse.zero_grad()
+    assert sparse.weight.grad is None and sparse._grad is None
+
+
 def test_a_converted_table_gets_a_new_gradient_buffer():
     """The buffer is the weight's dtype and device: after .double() the old fp32 one is dropped, not added into."""
     torch.manual_seed(13)
