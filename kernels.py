@@ -33,6 +33,7 @@ from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -101,8 +102,9 @@ def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto"
 
 
 def _sync_free(t):
-    """Whether the host must not wait for t's values: off the CPU, and while torch.compile traces."""
-    return t.device.type != "cpu" or torch.compiler.is_compiling()
+    """Whether the host must not wait for t's values: off the CPU, and while torch.compile traces (t is fake
+    then: torch 2.11's is_compiling() is False while it traces a backward)."""
+    return t.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(t)
 
 
 def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
