@@ -99,12 +99,14 @@ class ValueTable(nn.Module):
         """The dense gradient a training read adds into, made `weight.grad` (zeroed, or holding what was set
         there) when it is not; None when reads do not take it. make: made here when there is none."""
         grad, weight = self._grad, self.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return None  # first, so that a compiled eval does not depend on the buffer (one graph before and after)
         if grad is not None and (self.sparse_grad or (grad.shape, grad.dtype, grad.device)
                                  != (weight.shape, weight.dtype, weight.device)):
             self._grad = grad = None  # sparse now, or the weight moved: the next backward makes a new one
-        if grad is None and make and not self.sparse_grad and weight.requires_grad:
+        if grad is None and make and not self.sparse_grad:
             self._grad = grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
-        if grad is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        if grad is None:
             return None
         if weight.grad is not grad:
             if weight.grad is None:
