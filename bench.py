@@ -408,8 +408,11 @@ def gpu_layer_rows(kind, dim, tokens, values, device, reps, measured):
 
 
 def gpu_train_rows(data_dir, run_dir, device, sparse, steps, tiny):
-    """A training run of gpt2_small_memplus on random tokens, compiled on a GPU, no eval and no checkpoint
-    (train.py --eval_interval=0), its log kept in run_dir; timed over its last third of steps."""
+    """A training run of gpt2_small_memplus on random tokens (written to data_dir by the first run), compiled
+    on a GPU, no eval and no checkpoint (train.py --eval_interval=0), its log kept in run_dir; timed over its
+    last third of steps."""
+    if not os.path.isdir(os.path.join(data_dir, "random")):
+        random_dataset(data_dir, 1 << 16 if tiny else 1 << 24)
     shutil.rmtree(run_dir, ignore_errors=True)  # a previous command's log would be read as this run's
     events, wall = train_and_log([os.path.join(ROOT, "configs", "gpt2_small_memplus.py"), f"--data_dir={data_dir}",
                                   "--dataset=random", f"--max_iters={steps}", f"--log_interval={steps // 3}",
@@ -435,7 +438,7 @@ def run_gpu(args):
         raise UserError(f"unknown sections {sorted(unknown)}: choose from {','.join(GPU_SECTIONS)}")
     if args.steps < 3:
         raise UserError(f"--steps={args.steps} must be at least 3: the last third of them is timed")
-    if device.index is not None:  # the timing events and syncs use the current device
+    if device.type == "cuda" and device.index is not None:  # the timing events and syncs use the current device
         torch.cuda.set_device(device)
     tiny, reps, began = device.type == "cpu", 2 if device.type == "cpu" else 10, time.time()
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -457,7 +460,6 @@ def run_gpu(args):
             table.attempt(f"{kind} layer", gpu_layer_rows(kind, dim, tokens, values, device, reps, measured))
     if "train" in args.sections:
         with tempfile.TemporaryDirectory() as data_dir:
-            random_dataset(data_dir, 1 << 16 if tiny else 1 << 24)
             for sparse in (False, True):
                 run_dir = os.path.join(args.out, f"train-{'sparse' if sparse else 'dense'}")
                 table.attempt(f"train, {'sparse' if sparse else 'dense'} value update",
