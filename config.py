@@ -33,7 +33,7 @@ class TrainConfig:
     overwrite: bool = False  # allow a scratch run into an out_dir that holds another run's checkpoint (replaced)
     # loop
     max_iters: int = 2000  # optimizer steps in all
-    eval_interval: int = 250  # iterations between evals (and checkpoints)
+    eval_interval: int = 250  # iterations between evals (and checkpoints); 0: neither (a run timed only)
     eval_iters: int = 20  # batches per split at each eval
     facts_eval_size: int = 500  # question/answer pairs of each kind scored at each eval when the dataset has them
     log_interval: int = 10  # iterations between train log lines
@@ -80,10 +80,11 @@ def one_of(*choices):
 
 RULES = {  # key: (test of its value in the whole config, the allowed values in words, filled from the config)
     **{k: (lambda v, c: v >= 1, "at least 1") for k in (
-        "batch_size", "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel",
+        "batch_size", "log_interval", "eval_iters", "gradient_accumulation_steps", "mem_parallel",
         "lora_rank", "smf_rows", "smf_background_batches")},
     **{k: (lambda v, c: v >= 0, "at least 0") for k in (
-        "max_iters", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip", "mem_value_grad_clip")},
+        "max_iters", "eval_interval", "warmup_iters", "facts_eval_size", "weight_decay", "grad_clip",
+        "mem_value_grad_clip")},
     **{k: (lambda v, c: v > 0, "above 0") for k in ("learning_rate", "mem_value_lr", "rope_theta", "norm_eps")},
     **{k: (lambda v, c: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")},
     "seed": (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)"),

@@ -26,12 +26,14 @@ Tiles: BLOCK_K rows x BLOCK_D columns per program (_blocks). MEMORY_KERNELS_AUTO
 per dim and dtypes, over a small space that holds the default. kernel_builds.py compiles every kernel for
 real GPUs without one and reports registers, spills and 128-bit loads.
 """
+import contextlib
 import os
 import warnings
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 try:
     import triton
@@ -100,8 +102,9 @@ def embedding_bag_row_grad(indices, per_sample_weights, grad_out, backend="auto"
 
 
 def _sync_free(t):
-    """Whether the host must not wait for t's values: off the CPU, and while torch.compile traces."""
-    return t.device.type != "cpu" or torch.compiler.is_compiling()
+    """Whether the host must not wait for t's values: off the CPU, and while torch.compile traces (t is fake
+    then: torch 2.11's is_compiling() is False while it traces a backward)."""
+    return t.device.type != "cpu" or torch.compiler.is_compiling() or is_fake(t)
 
 
 def _use_triton(backend, weight_grad, table, indices, per_sample_weights):
@@ -358,10 +361,12 @@ def _blocks(table):
 
 
 def _launch(kernel, grid, tiles_for, *args, **constexprs):
-    """kernel[grid](*args) with _blocks(tiles_for) tiles, or the autotuner's when it wraps the kernel."""
+    """kernel[grid](*args) with _blocks(tiles_for) tiles, or the autotuner's when it wraps the kernel, on
+    tiles_for's GPU: Triton launches on the current device, which a run on cuda:1 never sets."""
     if not isinstance(kernel, triton.runtime.Autotuner):
         constexprs["BLOCK_K"], constexprs["BLOCK_D"] = _blocks(tiles_for)
-    kernel[grid](*args, **constexprs)
+    with torch.cuda.device(tiles_for.device) if tiles_for.is_cuda else contextlib.nullcontext():
+        kernel[grid](*args, **constexprs)
 
 
 _INTERPRETED = False

@@ -35,12 +35,16 @@ class ValueTable(nn.Module):
     micro-steps x reads; one host sync per backward); otherwise the gradient is dense.
     Larger reads touch most rows, and their rows would outweigh a dense gradient: they add into one
     (N, v_dim) buffer in weight's dtype, which the hook makes `weight.grad` and keeps for the run (the
-    first backward makes it). The first training read after the gradient was cleared (zero_grad) zeroes it
-    (or copies in a .grad set by hand) and makes it .grad again; each read's backward adds its rows into it
-    in place. So a step has one dense gradient, zero-filled once, whatever the layers and micro-steps,
-    and no read makes an (N, v_dim) tensor of its own. It costs N * v_dim * 4 bytes for the run (3 GiB at
-    1M x 768), which the gradient took during each backward anyway. torch.autograd.grad finds no table
-    gradient through such reads (it is in the buffer): use kernels.embedding_bag for that.
+    first backward makes it, or the table's zero_grad). The first training read after the gradient was set
+    to None zeroes it (or copies in a .grad set by hand) and makes it .grad again; each read's backward adds
+    its rows into it in place. So a step has one dense gradient, zero-filled once, whatever the layers and
+    micro-steps, and no read makes an (N, v_dim) tensor of its own. A compiled step wants the table's
+    zero_grad() before it (train.py calls it before each step), which makes the buffer, zeroes it and makes
+    it .grad outside the graph: zeroed inside the compiled forward, Inductor would zero a second (N, v_dim)
+    tensor, keep it for the backward and copy it back, and a step without the buffer, then one with it,
+    would compile twice. It costs N * v_dim * 4 bytes for the run (3 GiB at 1M x 768), which the gradient
+    took during each backward anyway. torch.autograd.grad finds no table gradient through such reads (it is
+    in the buffer): use kernels.embedding_bag for that.
 
     Under autocast (bf16/fp16 on the weight's device) an fp32 table is read through a copy in the
     autocast dtype, so a read moves 2 bytes per value element (the forward, and the score gradient's
@@ -91,14 +95,18 @@ class ValueTable(nn.Module):
         else:
             weight.grad = grad.coalesce()
 
-    def _grad_buffer(self):
+    def _grad_buffer(self, make=False):
         """The dense gradient a training read adds into, made `weight.grad` (zeroed, or holding what was set
-        there) when it is not; None when reads do not take it."""
+        there) when it is not; None when reads do not take it. make: made here when there is none."""
         grad, weight = self._grad, self.weight
+        if not (torch.is_grad_enabled() and weight.requires_grad):
+            return None  # first, so that a compiled eval does not depend on the buffer (one graph before and after)
         if grad is not None and (self.sparse_grad or (grad.shape, grad.dtype, grad.device)
                                  != (weight.shape, weight.dtype, weight.device)):
             self._grad = grad = None  # sparse now, or the weight moved: the next backward makes a new one
-        if grad is None or not (torch.is_grad_enabled() and weight.requires_grad):
+        if grad is None and make and not self.sparse_grad:
+            self._grad = grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
+        if grad is None:
             return None
         if weight.grad is not grad:
             if weight.grad is None:
@@ -107,6 +115,13 @@ class ValueTable(nn.Module):
                 grad.copy_(weight.grad)
             weight.grad = grad
         return grad
+
+    def zero_grad(self, set_to_none=True):
+        """Ready the gradient for the next step: the dense buffer (made here the first time) zeroed in place
+        and made weight.grad, so that every compiled step finds it so and compiles once (see the class
+        docstring). A table with sparse_grad has no buffer: its gradient is set to None."""
+        super().zero_grad(set_to_none)
+        self._grad_buffer(make=True)
 
     def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
         self._copy = None

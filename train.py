@@ -378,7 +378,7 @@ def run(config, held):
             for optimizer in optimizers.values():
                 for g in optimizer.param_groups:
                     g["lr"] = g["peak_lr"] * factor
-            if iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]:
+            if config["eval_interval"] and (iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]):
                 message, fields = evaluate(model, step_model, splits, config, device, autocast, par,
                                            facts_sample, iter_num, retain)
                 log("eval", message, **fields)
@@ -388,6 +388,8 @@ def run(config, held):
             if iter_num >= config["max_iters"]:
                 break
 
+            for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
+                table.zero_grad()
             generator = batch_generator(config["seed"], iter_num)
             loss_sum = 0.0
             micro_steps = config["gradient_accumulation_steps"]

@@ -280,7 +280,7 @@ def results(tmp_path_factory, char_data_dir):
     ("--batch_size=0", "batch_size=0 must be at least 1: write e.g. batch_size=16"),
     ("--block_size=0", "block_size must be positive"),
     ("--max_iters=-1", "max_iters=-1 must be at least 0"),
-    ("--eval_interval=0", "eval_interval=0 must be at least 1"),
+    ("--eval_interval=-1", "eval_interval=-1 must be at least 0"),
     ("--log_interval=0", "log_interval=0 must be at least 1"),
     ("--eval_iters=0", "eval_iters=0 must be at least 1"),
     ("--warmup_iters=-5", "warmup_iters=-5 must be at least 0"),

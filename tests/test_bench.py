@@ -6,16 +6,56 @@ import torch
 from conftest import run
 
 
-def test_gpu_command_runs_on_cpu_at_tiny_shapes(tmp_path):
-    out = tmp_path / "gpu.md"
-    result = run("bench.py", "gpu", "--device=cpu", f"--out={out}", cwd=tmp_path)
+def test_gpu_command_writes_each_row_as_measured_and_goes_on_past_failures(tmp_path, monkeypatch, capsys):
+    """bench.py gpu at tiny shapes (--device=cpu, 3 training steps) with two failures forced: the memory layer
+    (when it fails, the rows measured before it are in the file already) and the sparse training run (its log
+    is kept beside the table). Each failure is one error row, every later measurement still runs, no
+    checkpoint is written, and the command ends with a one-line error."""
+    import bench
+    out, seen = tmp_path / "gpu", {}
+    real_layer, real_train = bench.layer_step, bench.train_and_log
+
+    def layer_step(kind, *args):
+        if kind != "memory":
+            return real_layer(kind, *args)
+        seen["table"] = (out / "gpu.md").read_text()
+        raise RuntimeError("forced\nfailure")
+
+    def train_and_log(args, out_dir):
+        return real_train(args + (["--no_such_key=1"] if "--mem_sparse_update=True" in args else []), out_dir)
+    monkeypatch.setattr(bench, "layer_step", layer_step)
+    monkeypatch.setattr(bench, "train_and_log", train_and_log)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["gpu", "--device=cpu", f"--out={out}", "--steps=3"])
+    assert stop.value.code == f"error: 2 measurements failed: their rows in {out / 'gpu.md'} say why"
+    table = (out / "gpu.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    assert [row.split(" | ")[0] for row in rows] == (
+        ["| copy bandwidth"] + [f"| bag {d} tiny 64x8x1024x40 int32 {b}" for d in ("bfloat16", "float32")
+                                for b in ("F.embedding_bag", "torch")] +
+        ["| dense FFN d=32, 64 tokens, bf16", "| memory layer", "| memory-sparse layer d=32, 64 tokens, 1,024 values, bf16",
+         "| train gpt2_small_memplus, dense value update, eager, 3 steps", "| train, sparse value update"])
+    assert seen["table"].splitlines() == table.splitlines()[:len(seen["table"].splitlines())]
+    assert [row.split(" | ")[0] for row in seen["table"].splitlines()[4:]] == [row.split(" | ")[0] for row in rows[:6]]
+    assert rows[6] == "| memory layer | error | RuntimeError: forced failure |"
+    assert "tokens/s" in rows[8] and "x the dense FFN" in rows[7]
+    log = out / "train-sparse" / "train.out"
+    assert rows[9].startswith("| train, sparse value update | error | UserError: train.py ") and str(log) in rows[9]
+    assert "unknown config key 'no_such_key'" in log.read_text()
+    assert not list(out.rglob("ckpt*")) and sorted(p.name for p in (out / "train-dense").iterdir()) == [
+        "log.jsonl", "train.out"]
+    printed = capsys.readouterr().out
+    assert all(row in printed for row in rows), printed
+
+
+def test_gpu_command_runs_the_sections_chosen(tmp_path):
+    result = run("bench.py", "gpu", "--device=cpu", f"--out={tmp_path}", "--sections=copy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith("| ") and "---" not in line][1:]
-    names = [row.split(" | ")[0] for row in rows]
-    assert names[0] == "| copy bandwidth"
-    assert sum("bag bfloat16" in n for n in names) == 2 and sum("bag float32" in n for n in names) == 2
-    assert sum(" layer d=" in n for n in names) == 2 and sum("train gpt2_small_memplus" in n for n in names) == 2
-    assert all("tokens/s" in row for row in rows if "train" in row)
+    assert [line for line in (tmp_path / "gpu.md").read_text().splitlines() if line.startswith("| ")][1:] == [
+        line for line in result.stdout.splitlines() if line.startswith("| copy bandwidth")]
+    result = run("bench.py", "gpu", "--device=cpu", "--sections=copy,layers", cwd=tmp_path)
+    assert result.returncode == 1 and result.stderr == (
+        "error: unknown sections ['layers']: choose from copy,kernels,layer,train\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would run in full")

@@ -378,3 +378,30 @@ def test_dense_triton_backward_launches_over_the_rows_read(monkeypatch):
     kernels.embedding_bag(weight, indices, weights, backend="triton").backward(grad_out)
     assert [g[0] for g in grids] == [3, 12]  # forward: a program per token; backward: per (padded) row read
     assert_close(weight.grad, reference(weight, indices, weights, grad_out)[1], torch.float32)
+
+
+@pytest.mark.skipif(kernels.triton is None, reason="needs Triton")
+def test_a_launch_runs_on_the_device_of_its_tensors(monkeypatch):
+    """A table on cuda:1 while the current device is 0 (one process started with --device=cuda:1): the kernel
+    is launched with cuda:1 current, and 0 is current again after. Without a GPU: a recording device guard,
+    a stand-in kernel and a stand-in for the table."""
+    import contextlib
+    current, launched = [0], []
+
+    @contextlib.contextmanager
+    def device(d):
+        before, current[0] = current[0], torch.device(d).index
+        yield
+        current[0] = before
+
+    class Table:  # what a launch reads of a (50, 40) fp32 tensor on cuda:1
+        device, is_cuda, shape = torch.device("cuda", 1), True, (50, 40)
+        element_size = staticmethod(lambda: 4)
+
+    class Kernel:
+        def __getitem__(self, grid):
+            return lambda *args, **constexprs: launched.append((current[0], constexprs))
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    kernels._launch(Kernel(), (1,), Table(), SCATTER=False)
+    assert launched == [(1, dict(SCATTER=False, BLOCK_K=16, BLOCK_D=64))] and current == [0]

@@ -211,6 +211,60 @@ def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient(monkeyp
                                    rtol=1e-5, atol=1e-6)  # fp32 sums against fp64
 
 
+def test_a_compiled_step_adds_into_the_gradient_buffer_itself():
+    """The step as train.py runs it: the optimizer's zero_grad, then the table's, then a compiled forward and
+    backward of two large reads. Inductor's code (both graphs) makes no (N, v_dim) tensor, so no second
+    buffer to zero, save and copy back: the backward adds into weight.grad itself, the same tensor as
+    before, which holds F.embedding_bag's gradient."""
+    import re
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+    torch._dynamo.reset()
+    torch.manual_seed(14)
+    values = ValueTable(997, 24)  # sizes to find in the generated code
+    optimizer = torch.optim.SGD(values.parameters(), lr=0.0)
+    reads = [(torch.randint(0, 997, (300, 4)), torch.rand(300, 4), torch.randn(300, 24)) for _ in range(2)]
+    assert 300 * 4 >= ValueTable.ROW_GRADS_BELOW * 997  # large reads: they add into the buffer
+
+    def loss():
+        return sum((values(i, w) * g).sum() for i, w, g in reads)
+    loss().backward()  # eager: the first backward makes the buffer
+    buffer = values.weight.grad
+    optimizer.zero_grad(set_to_none=True)
+    values.zero_grad()
+    compiled = torch.compile(loss, fullgraph=True)
+    _, code = run_and_get_code(lambda: compiled().backward())
+    assert len(code) == 2  # the forward and the backward
+    made = [m for c in code for m in re.findall(r"empty_strided\w*\(\(997, 24\)", c)]
+    assert not made, made
+    assert values.weight.grad is buffer
+    torch.testing.assert_close(buffer.double(), dense_reference_grad(values.weight, [r[:2] for r in reads],
+                                                                     [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_grad_readies_the_buffer_that_small_and_large_reads_add_into():
+    """The table's zero_grad makes the dense buffer before any backward and zeroes it before each step, as
+    weight.grad; a read of few pairs (a row gradient, which autograd adds in) and one of many (added in by
+    its backward) both land in it, step after step. A table with sparse_grad gets no buffer."""
+    torch.manual_seed(15)
+    values = ValueTable(40, 6)
+    buffers = []
+    for _ in range(2):
+        values.zero_grad()
+        buffers.append(values.weight.grad)
+        assert not buffers[-1].any()
+        reads = [(torch.randint(0, 40, (1, 3)), torch.rand(1, 3), torch.randn(1, 6)),  # 3 pairs: a row gradient
+                 (torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]  # 20: into the buffer
+        sum((values(i, w) * g).sum() for i, w, g in reads).backward()
+        assert values.weight.grad is buffers[0] is buffers[-1]
+        torch.testing.assert_close(buffers[-1].double(), dense_reference_grad(
+            values.weight, [r[:2] for r in reads], [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
+    sparse = ValueTable(40, 6)
+    sparse.sparse_grad = True
+    sparse.zero_grad()
+    assert sparse.weight.grad is None and sparse._grad is None
+
+
 def test_a_converted_table_gets_a_new_gradient_buffer():
     """The buffer is the weight's dtype and device: after .double() the old fp32 one is dropped, not added into."""
     torch.manual_seed(13)

@@ -175,3 +175,26 @@ def test_eval_only_scores_a_checkpoint_and_writes_nothing_else(char_data_dir, tm
     assert again["checkpoint"].endswith("ckpt.pt") and (tmp_path / "ckpt.pt").read_bytes() == written
     result = run("train.py", f"--data_dir={char_data_dir}", "--dataset=tiny", f"--out_dir={tmp_path}", "--eval_only=True")
     assert result.returncode == 1 and "eval_only=True evaluates a checkpoint" in result.stderr
+
+
+@pytest.mark.parametrize("eval_interval", [0, 2], ids=["timing-run", "with-evals"])
+def test_compile_traces_the_training_step_once(char_data_dir, tmp_path, monkeypatch, eval_interval):
+    """torch.compile traces the training step once, counted by Dynamo's frame counter: the value table's
+    gradient buffer is made and zeroed before each step, outside the graph, so every micro-step finds it the
+    same. Evals add two (the train split, and the val split, which measures the tables' usage), the same
+    before the buffer exists and after. eval_interval=0 (bench.py gpu's training runs): no eval and no
+    checkpoint. (Dynamo's frames do not depend on the backend: eager here, for time.)"""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compile_(model, backend="eager", **kw))
+    torch._dynamo.reset()
+    counters.clear()
+    train(config_for(char_data_dir, tmp_path, max_iters=4, eval_interval=eval_interval, log_interval=2,
+                     compile=True, gradient_accumulation_steps=2, memory_layers=(1,)))
+    assert counters["frames"]["ok"] == counters["stats"]["unique_graphs"] == (3 if eval_interval else 1)
+    assert [e["iter"] for e in read_log(tmp_path, "train")] == [2, 4]
+    assert [e["iter"] for e in read_log(tmp_path, "eval")] == ([0, 2, 4] if eval_interval else [])
+    assert ("ckpt.pt" in os.listdir(tmp_path)) == bool(eval_interval)
+    if not eval_interval:
+        assert os.listdir(tmp_path) == ["log.jsonl"]
