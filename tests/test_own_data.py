@@ -108,3 +108,17 @@ def test_a_runs_checkpoint_gives_its_vocabulary_when_the_dataset_is_gone(texts, 
     with pytest.raises(ConfigError, match=f"smf_background_dataset 'other' has another vocabulary than the checkpoint "
                                           f"of {base}: .* --name other --vocab_from={base}`"):
         train(config_for(str(data), tmp_path / "smf2", smf_background_dataset="other", **smf))
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--vocab_from=nothere"], "--vocab_from=nothere is neither a dataset in --data_dir="),
+    (["--vocab_from=first", "--tokenizer=char"], "argument --tokenizer: not allowed with argument --vocab_from"),
+])
+def test_a_vocabulary_that_cannot_be_had_is_one_line_and_writes_nothing(texts, tmp_path, args, words):
+    data = tmp_path / "data"
+    prepare("--input", texts["first"], "--name=first", "--tokenizer=char", f"--data_dir={data}")
+    before = files(data)
+    with pytest.raises(SystemExit) as refused:
+        prepare("--input", texts["second"], "--name=second", f"--data_dir={data}", *args)
+    assert str(refused.value).startswith("error: ") and words in str(refused.value) and "\n" not in str(refused.value)
+    assert files(data) == before
