@@ -122,3 +122,5 @@ def test_a_vocabulary_that_cannot_be_had_is_one_line_and_writes_nothing(texts, t
         prepare("--input", texts["second"], "--name=second", f"--data_dir={data}", *args)
     assert str(refused.value).startswith("error: ") and words in str(refused.value) and "\n" not in str(refused.value)
     assert files(data) == before
+    with pytest.raises(ConfigError, match=f"prepare the new data in its vocabulary with .* --vocab_from={base}`"):
+        train(config_for(str(data), tmp_path / "smf3", **{**smf, "dataset": "other"}))  # says how to get it
