@@ -91,7 +91,7 @@ def test_a_model_of_ones_own_text_is_finetuned_on_new_text_in_its_vocabulary(tok
 
 def test_a_runs_checkpoint_gives_its_vocabulary_when_the_dataset_is_gone(texts, tmp_path):
     """--vocab_from=OUT_DIR: new text, and the pretraining text again as smf's background (the same files
-    as before); a background in another vocabulary is refused."""
+    as before); a background or a dataset in another vocabulary is refused, saying how to prepare it."""
     data, base = tmp_path / "data", tmp_path / "base"
     prepare("--input", texts["first"], "--name=first", "--tokenizer=char", f"--data_dir={data}")
     written = files(data / "first")
@@ -108,6 +108,8 @@ def test_a_runs_checkpoint_gives_its_vocabulary_when_the_dataset_is_gone(texts, 
     with pytest.raises(ConfigError, match=f"smf_background_dataset 'other' has another vocabulary than the checkpoint "
                                           f"of {base}: .* --name other --vocab_from={base}`"):
         train(config_for(str(data), tmp_path / "smf2", smf_background_dataset="other", **smf))
+    with pytest.raises(ConfigError, match=f"prepare the new data in its vocabulary with .* --vocab_from={base}`"):
+        train(config_for(str(data), tmp_path / "smf3", **{**smf, "dataset": "other"}))  # says how to get it
 
 
 @pytest.mark.parametrize("args, words", [
@@ -122,5 +124,3 @@ def test_a_vocabulary_that_cannot_be_had_is_one_line_and_writes_nothing(texts, t
         prepare("--input", texts["second"], "--name=second", f"--data_dir={data}", *args)
     assert str(refused.value).startswith("error: ") and words in str(refused.value) and "\n" not in str(refused.value)
     assert files(data) == before
-    with pytest.raises(ConfigError, match=f"prepare the new data in its vocabulary with .* --vocab_from={base}`"):
-        train(config_for(str(data), tmp_path / "smf3", **{**smf, "dataset": "other"}))  # says how to get it
