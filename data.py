@@ -13,6 +13,7 @@ import torch
 from errors import DataError
 
 TOKENIZERS = ("compact", "gpt2", "char")
+VOCABULARY = ("tokenizer", "vocab_size", "chars", "compact_ids")  # the meta.json fields that fix the ids
 MAX_VOCAB = 2**16  # ids are stored as uint16
 
 
@@ -23,6 +24,16 @@ def gpt2_encoding():
     except Exception as e:  # tiktoken downloads its BPE files on first use
         raise DataError("cannot load the GPT-2 tokenizer: tiktoken downloads it once from the internet, "
                         f"or set TIKTOKEN_CACHE_DIR to a folder that holds its files ({type(e).__name__}: {e})")
+
+
+class UnknownPieces(ValueError):
+    """Text a vocabulary cannot encode; pieces: (offset in the text, piece) of each piece it has no id for."""
+
+    def __init__(self, kind, pieces):
+        self.kind, self.pieces = kind, pieces
+        shown = list(dict.fromkeys(piece for _, piece in pieces))[:5]
+        super().__init__(f"{'characters' if kind == 'char' else 'BPE pieces'} {shown!r} have no id in this {kind} "
+                         "vocabulary: the text it was made from never holds them")
 
 
 class Tokenizer:
@@ -41,19 +52,24 @@ class Tokenizer:
                 self.gpt2_to_id = {g: i for i, g in enumerate(self.compact_ids)}
 
     def encode(self, text):
+        """The ids of text, or UnknownPieces: a char or compact vocabulary lacks what its text never held."""
+        try:
+            if self.kind == "char":
+                return [self.char_to_id[c] for c in text]
+            ids = self.bpe.encode_ordinary(text)
+            return ids if self.kind == "gpt2" else [self.gpt2_to_id[g] for g in ids]
+        except KeyError:
+            raise UnknownPieces(self.kind, self.unknown(text)) from None
+
+    def unknown(self, text):
+        """(offset in text, piece) of each character (char) or GPT-2 BPE piece (compact) without an id, in order."""
         if self.kind == "char":
-            missing = sorted(set(text) - self.char_to_id.keys())
-            if missing:
-                raise ValueError(f"characters {missing!r} are not in this dataset's vocabulary")
-            return [self.char_to_id[c] for c in text]
-        ids = self.bpe.encode_ordinary(text)
+            return [(i, c) for i, c in enumerate(text) if c not in self.char_to_id]
         if self.kind == "gpt2":
-            return ids
-        missing = [self.bpe.decode([g]) for g in ids if g not in self.gpt2_to_id]
-        if missing:
-            raise ValueError(f"tokens {missing[:5]!r} never occur in this dataset, so its compact vocabulary "
-                             "cannot encode them")
-        return [self.gpt2_to_id[g] for g in ids]
+            return []
+        ids = self.bpe.encode_ordinary(text)
+        offsets = self.bpe.decode_with_offsets(ids)[1]
+        return [(offset, self.bpe.decode([g])) for g, offset in zip(ids, offsets) if g not in self.gpt2_to_id]
 
     def decode(self, ids):
         if self.kind == "char":
@@ -83,6 +99,11 @@ def prepare_command(dataset):
     return f"`python prepare_data.py text --input FILE --name {dataset}`"
 
 
+def vocabulary(meta):
+    """The fields of meta (a dataset's or a checkpoint's) that fix what each id means."""
+    return {k: meta[k] for k in VOCABULARY if k in meta}
+
+
 def meta_problem(meta):
     """What keeps meta (a meta.json's object) from describing a tokenizer, or None."""
     if not isinstance(meta, dict):
@@ -102,7 +123,7 @@ def meta_problem(meta):
 
 def same_vocabulary(meta, other):
     """Whether two meta.json objects (a dataset's, a checkpoint's) describe one vocabulary."""
-    return all(meta.get(k) == other.get(k) for k in ("tokenizer", "vocab_size", "chars", "compact_ids"))
+    return all(meta.get(k) == other.get(k) for k in VOCABULARY)
 
 
 def read_json(path, problem_of):

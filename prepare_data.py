@@ -1,7 +1,7 @@
 """Tokenise a corpus into data/<name>/train.bin, val.bin (uint16) and meta.json.
 
     python prepare_data.py shakespeare [--input PATH] [--tokenizer compact|gpt2|char]
-    python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ...]
+    python prepare_data.py text --input FILE [FILE ...] --name NAME [--tokenizer ... | --vocab_from DATASET_OR_OUT_DIR]
     python prepare_data.py fineweb_edu --num_tokens N [--input JSONL ...] [--shard_tokens S] [--val_tokens V]
     python prepare_data.py facts [--n_entities N] [--new_entities M] [--seed S] [--attributes A,B,...] [--tokenizer ...]
 
@@ -16,6 +16,8 @@ corpus uses, renumbered 0..V-1: a small CPU model is otherwise dominated by a 50
 and "char" (one id per character). meta.json holds what is needed to decode, so sample.py needs only it.
 
 NAME is a plain folder name under DATA_DIR; a dataset that exists there is replaced only with --overwrite.
+"text --vocab_from" encodes new text in the vocabulary of an existing dataset or of a run's checkpoint,
+so that the run can be finetuned on it; text that vocabulary has no ids for is refused.
 """
 import argparse
 import glob
@@ -31,9 +33,11 @@ import numpy as np
 import torch
 
 import facts
+from checkpoint import load_latest, previous_path
 from config import OneLineErrors
-from data import DATASET_NAME, TOKENIZERS, Tokenizer, gpt2_encoding, is_dataset_name, same_vocabulary
-from errors import UserError
+from data import (DATASET_NAME, TOKENIZERS, Tokenizer, UnknownPieces, gpt2_encoding, is_dataset_name, meta_problem,
+                  read_meta, same_vocabulary, vocabulary)
+from errors import DataError, UserError
 
 SHIPPED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
@@ -41,10 +45,13 @@ FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
 OVERWRITE_HELP = "replace DATA_DIR/NAME if it holds a dataset (checkpoints under out/ trained on it are named)"
 
 
-def tokenize(text, kind, vocab_text=""):
+def tokenize(text, kind, vocab_text="", vocab=None):
     """(token ids as uint16, meta fields) for a whole corpus. The char and compact vocabularies also cover
     vocab_text: datasets written with the same vocab_text share one vocabulary (a model trained on one
-    can be finetuned on the other)."""
+    can be finetuned on the other). With vocab (data.vocabulary of a meta), text is encoded in that one,
+    or refused (data.UnknownPieces)."""
+    if vocab:
+        return np.array(Tokenizer(vocab).encode(text), dtype=np.uint16), vocab
     if kind == "char":
         chars = sorted(set(text) | set(vocab_text))
         lookup = {c: i for i, c in enumerate(chars)}
@@ -117,18 +124,18 @@ def write_meta(folder, meta):
 
 
 def write_dataset(text, name, kind, data_dir="data", source=None, val_fraction=0.1, val_text=None, extra=None,
-                  vocab_text=""):
+                  vocab_text="", vocab=None):
     """Tokenise text, split the tokens 90/10 into train/val, write the bins and meta.json; returns meta.
 
     With val_text, text is all train and val_text all val, in one vocabulary (text should end where a
     token ends, e.g. with a newline before a letter, for the split to fall exactly between them).
     extra(folder, meta) writes more files of the dataset, which replace the old ones with the rest.
-    vocab_text: more text the vocabulary must cover (tokenize).
+    vocab_text: more text the vocabulary must cover; vocab: an existing vocabulary to encode in (tokenize).
     """
-    ids, fields = tokenize(text + (val_text or ""), kind, vocab_text)
+    ids, fields = tokenize(text + (val_text or ""), kind, vocab_text, vocab)
     if len(ids) < 2:
         raise ValueError(f"the corpus for '{name}' holds {len(ids)} tokens: nothing to train on")
-    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind, vocab_text)[0])
+    split = int(len(ids) * (1 - val_fraction)) if val_text is None else len(tokenize(text, kind, vocab_text, vocab)[0])
     meta = {"name": name, "tokenizer": kind, **fields, "train_tokens": split, "val_tokens": len(ids) - split,
             "source": source}
     with staged(data_dir, name) as out:
@@ -163,7 +170,7 @@ def write_facts(n_entities, seed, attributes, kind, name="facts", data_dir="data
     return metas[0]
 
 
-def read_text(paths):
+def read_texts(paths):
     texts = []
     for path in paths:
         try:
@@ -173,7 +180,60 @@ def read_text(paths):
             raise ValueError(f"cannot read input file {path}: {e.strerror}")
         except UnicodeDecodeError:
             raise ValueError(f"input file {path} is not UTF-8 text")
-    return "\n".join(texts)
+    return texts
+
+
+def read_text(paths):
+    return "\n".join(read_texts(paths))
+
+
+def vocabulary_of(source, data_dir):
+    """The vocabulary (data.vocabulary) of a dataset, named in data_dir or by its folder, or of the
+    checkpoint in a run's out_dir (which keeps it even when the dataset is gone)."""
+    for folder in dict.fromkeys([os.path.join(data_dir, source), source]):
+        ckpt = os.path.join(folder, "ckpt.pt")
+        if os.path.exists(os.path.join(folder, "meta.json")):
+            return vocabulary(read_meta(os.path.join(folder, "meta.json"), os.path.basename(folder)))
+        if os.path.exists(ckpt) or os.path.exists(previous_path(ckpt)):
+            checkpoint, path = load_latest(ckpt, keys=("meta",))
+            problem = meta_problem(checkpoint["meta"])
+            if problem:
+                raise DataError(f"the meta of {path} {problem}: name its dataset in --vocab_from instead")
+            return vocabulary(checkpoint["meta"])
+    raise DataError(f"--vocab_from={source} is neither a dataset in --data_dir={data_dir} nor a folder with a "
+                    "meta.json or a ckpt.pt: name the dataset, or the out_dir of the run, whose vocabulary to use")
+
+
+def where(offset, paths, texts):
+    """'FILE line N' of a character offset into the texts joined by newlines (read_text)."""
+    for path, text in zip(paths, texts):
+        if offset <= len(text):
+            return f"{path} line {text.count(chr(10), 0, offset) + 1}"
+        offset -= len(text) + 1
+
+
+def write_text(paths, name, kind, data_dir, vocab_from=None):
+    """data_dir/name from the text files at paths, in a new vocabulary of kind or in that of vocab_from
+    (vocabulary_of). Text that vocabulary cannot encode is refused, naming the first few pieces and where
+    they are, before anything is written."""
+    texts, source = read_texts(paths), " ".join(paths)
+    if not vocab_from:
+        return write_dataset("\n".join(texts), name, kind, data_dir, source)
+    vocab = vocabulary_of(vocab_from, data_dir)
+    try:
+        return write_dataset("\n".join(texts), name, vocab["tokenizer"], data_dir,
+                             f"{source} (the vocabulary of {vocab_from})", vocab=vocab)
+    except UnknownPieces as e:
+        first = {}
+        for offset, piece in e.pieces:
+            first.setdefault(piece, offset)
+        shown = ", ".join(f"{piece!r} ({where(offset, paths, texts)})" for piece, offset in list(first.items())[:5])
+        more = f" and {len(first) - 5:,} more" if len(first) > 5 else ""
+        pieces = ("character" if e.kind == "char" else "BPE piece") + ("s" if len(first) > 1 else "")
+        gpt2 = "" if e.kind == "char" else " (or with --tokenizer=gpt2, which encodes any text)"
+        raise DataError(f"the {e.kind} vocabulary of {vocab_from} has no id for {len(first):,} {pieces} of the input, "
+                        f"which its training text never held: {shown}{more}; write them with characters and words "
+                        f"that text holds, or pretrain on a dataset whose text holds them too{gpt2}") from None
 
 
 def shakespeare_text(input_path, data_dir):
@@ -302,7 +362,8 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="corpus", required=True)
     for corpus in ("shakespeare", "text", "facts"):
         p = sub.add_parser(corpus)
-        p.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
+        tokens = p.add_mutually_exclusive_group() if corpus == "text" else p
+        tokens.add_argument("--tokenizer", choices=TOKENIZERS, default="compact")
         p.add_argument("--data_dir", default="data", help="datasets are written to DATA_DIR/NAME")
         p.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
         if corpus == "shakespeare":
@@ -312,6 +373,9 @@ def main(argv=None):
         elif corpus == "text":
             p.add_argument("--input", nargs="+", required=True, help="UTF-8 text files, concatenated")
             p.add_argument("--name", required=True)
+            tokens.add_argument("--vocab_from", metavar="DATASET_OR_OUT_DIR", help="encode in the vocabulary of this "
+                                "dataset (a name in DATA_DIR, or a folder) or of the checkpoint in this run's out_dir, "
+                                "so that the run can be finetuned on the new dataset")
         else:
             p.add_argument("--name", default="facts")
             p.add_argument("--n_entities", type=int, default=facts.DEFAULT_ENTITIES, help="people in the knowledge base")
@@ -347,12 +411,11 @@ def main(argv=None):
                 raise ValueError(f"--new_entities={args.new_entities} must be 0 (none) or more")
             meta = write_facts(args.n_entities, args.seed, args.attributes.split(","), args.tokenizer, name,
                                args.data_dir, args.new_entities)
-        else:
-            if args.corpus == "shakespeare":
-                text, source = shakespeare_text(args.input, args.data_dir)
-            else:
-                text, source = read_text(args.input), " ".join(args.input)
+        elif args.corpus == "shakespeare":
+            text, source = shakespeare_text(args.input, args.data_dir)
             meta = write_dataset(text, name, args.tokenizer, args.data_dir, source)
+        else:
+            meta = write_text(args.input, name, args.tokenizer, args.data_dir, args.vocab_from)
     except (ValueError, UserError) as e:
         sys.exit(f"error: {e}")
     except OSError as e:  # reading errors are ValueErrors above: this is writing the dataset

@@ -159,7 +159,8 @@ def retained(config, meta):
     splits, other = load_dataset(config["data_dir"], name, config["block_size"])
     if not same_vocabulary(meta, other):
         raise ConfigError(f"facts_retain_dataset '{name}' has another vocabulary than dataset '{config['dataset']}': "
-                          "write both with one prepare_data.py command (facts --new_entities)")
+                          f"prepare it with `prepare_data.py text --input FILE --name {name} --vocab_from="
+                          f"{config['dataset']}` (facts: both with one command, facts --new_entities)")
     sample = load_eval(os.path.join(config["data_dir"], name), config["facts_eval_size"], meta["vocab_size"])
     return {"val": splits["val"]}, sample
 
@@ -167,12 +168,19 @@ def retained(config, meta):
 def sparse_finetune(model, checkpoint, config, device, par):
     """finetune='smf': the row selection of finetune.SparseMemoryFinetune, with each row's idf from the
     sequences of smf_background_batches batches of the pretraining data (the dataset the checkpoint
-    trained on, or smf_background_dataset), read with the checkpoint's weights; smf_idf=False ranks by tf
-    alone. The dataset is recorded in config, so a resumed run reads the same one."""
+    trained on, or smf_background_dataset, which must share its vocabulary), read with the checkpoint's
+    weights; smf_idf=False ranks by tf alone. The dataset is recorded in config, so a resumed run reads
+    the same one."""
     name = (config["smf_background_dataset"] or checkpoint["config"].get("smf_background_dataset")
             or checkpoint["config"]["dataset"])
     config["smf_background_dataset"] = name
-    data = load_dataset(config["data_dir"], name, config["block_size"])[0]["train"]
+    data, background = load_dataset(config["data_dir"], name, config["block_size"])
+    if not same_vocabulary(checkpoint["meta"], background):  # its ids would mean other text than in pretraining
+        run_dir = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
+        raise ConfigError(f"smf_background_dataset '{name}' has another vocabulary than the checkpoint of {run_dir}: "
+                          f"prepare the pretraining text again with `prepare_data.py text --input FILE --name {name} "
+                          f"--vocab_from={run_dir}`, or set smf_background_dataset to a dataset in its vocabulary")
+    data = data["train"]
     generator = torch.Generator().manual_seed(config["seed"] + 1)
     batches = (get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank, par.world)
                for _ in range(config["smf_background_batches"]))
@@ -203,7 +211,8 @@ def starting_point(config, model_config, meta):
         raise ConfigError(f"{source} was trained on a {old_meta.get('tokenizer')} vocabulary of "
                           f"{old_meta.get('vocab_size')} ids ({old_meta.get('name')}) but dataset "
                           f"'{config['dataset']}' has a {meta.get('tokenizer')} vocabulary of {meta.get('vocab_size')}: "
-                          "prepare the new data with the checkpoint's tokenizer")
+                          f"prepare the new data in its vocabulary with `prepare_data.py text --input FILE --name NAME "
+                          f"--vocab_from={folder}`")
     now = asdict(model_config)
     differ = [f"{k}={v!r} in the checkpoint but {now.get(k)!r} now"
               for k, v in checkpoint["model_config"].items() if now.get(k) != v]
