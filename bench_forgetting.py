@@ -15,6 +15,7 @@ more seeds.
 """
 import os
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from bench_facts import config_path, mean, pyplot, train_and_log
@@ -29,24 +30,24 @@ def lrs(lr):
     return {"learning_rate": lr, "min_lr": lr / 10}
 
 
-ROW_ADAMW = {"mem_sparse_update": True}  # smf's default optimizer: each selected row bias-corrected by its own steps
 SWEEP = (  # (method, run name, train.py settings)
-    *(("full", f"full_lr{lr:g}", {**lrs(lr), "mem_value_lr": 10 * lr}) for lr in (1e-4, 3e-4, 1e-3)),
+    *(("full", f"full_lr{lr:g}", {**lrs(lr), "mem_value_lr": 10 * lr}) for lr in (1e-4, 3e-4, 1e-3, 3e-3)),
     *(("lora", f"lora_r{r}_lr{lr:g}", {**lrs(lr), "lora_rank": r}) for r, lr in ((8, 1e-4), (8, 3e-4), (8, 1e-3), (2, 3e-4))),
-    *(("values", f"values_lr{lr:g}", {"mem_value_lr": lr}) for lr in (0.03, 0.1)),
-    *(("smf", f"smf_rows{rows}_lr{lr:g}", {"smf_rows": rows, "mem_value_lr": lr, **ROW_ADAMW})
+    *(("values", f"values_lr{lr:g}", {"mem_value_lr": lr}) for lr in (0.01, 0.03, 0.1)),
+    *(("smf", f"smf_rows{rows}_lr{lr:g}", {"smf_rows": rows, "mem_value_lr": lr})
       for rows, lr in ((500, 0.1), (1000, 0.1), (2000, 0.1), (4000, 0.1), (2000, 0.03), (2000, 0.3))),
-    ("smf", "smf_rows2000_lr0.1_dense_adamw", {"smf_rows": 2000, "mem_value_lr": 0.1}),
-    ("smf", "smf_rows2000_sgd_lr300", {"smf_rows": 2000, "optimizer": "sgd", **lrs(300.0), "mem_value_lr": 300.0}),
-    ("smf, tf only", "smf_rows2000_lr0.1_tf_only", {"smf_rows": 2000, "mem_value_lr": 0.1, **ROW_ADAMW, "smf_idf": False}),
+    *(("smf", f"smf_rows2000_sgd_lr{lr:g}", {"smf_rows": 2000, "optimizer": "sgd", **lrs(lr), "mem_value_lr": lr})
+      for lr in (100.0, 300.0, 1000.0)),
+    ("smf, tf only", "smf_rows2000_lr0.1_tf_only", {"smf_rows": 2000, "mem_value_lr": 0.1, "smf_idf": False}),
     ("smf, background B", "smf_rows2000_lr0.1_background_B",
-     {"smf_rows": 2000, "mem_value_lr": 0.1, **ROW_ADAMW, "smf_background_dataset": "kb_new"}),
+     {"smf_rows": 2000, "mem_value_lr": 0.1, "smf_background_dataset": "kb_new"}),
 )
 QUICK_SWEEP = tuple(r for r in SWEEP if r[1] in ("full_lr0.001", "lora_r8_lr0.001", "values_lr0.1", "smf_rows2000_lr0.1"))
 BUDGET = {  # (people in A, people in B, pretraining iterations, finetuning iterations, eval interval, seeds)
     "full": (1000, 200, 3000, 300, 25, 3),
     "quick": (100, 30, 400, 40, 10, 1),
 }
+BASE_SEED = 1  # the capacity preset's seeds spread widely: this one recalls 96% of A, the default 1337 only 23%
 BASE = [config_path("facts_common"), config_path("capacity_common"), config_path("capacity_memplus")]
 FINETUNE = ["--batch_size=16", "--warmup_iters=0", "--weight_decay=0.0", "--log_interval=10"]
 
@@ -64,7 +65,8 @@ def pretrained(base, common, iters):
             if any(f'"iter": {iters}, ' in line and '"event": "eval"' in line for line in f):
                 return base
     shutil.rmtree(base, ignore_errors=True)
-    train_and_log([*common, "--dataset=kb", f"--max_iters={iters}", f"--eval_interval={iters // 4}"], base)
+    train_and_log([*common, "--dataset=kb", f"--max_iters={iters}", f"--eval_interval={iters // 4}", f"--seed={BASE_SEED}"],
+                  base)
     return base
 
 
@@ -94,7 +96,7 @@ def run_forgetting(args):
               f"{wall:.0f} s", flush=True)
         return {"method": method, "name": name, "seed": seed, "wall_s": wall, "evals": evals, "smf": smf}
 
-    sweep = QUICK_SWEEP if args.quick else SWEEP
+    sweep, start = QUICK_SWEEP if args.quick else SWEEP, time.time()
     with ThreadPoolExecutor(args.jobs) as pool:
         results = list(pool.map(finetune, [(*run, 1) for run in sweep]))
         level, chosen = equal_learning(results)
@@ -102,6 +104,7 @@ def run_forgetting(args):
                  for r in chosen.values() for seed in range(2, seeds + 1)]
         repeats = list(pool.map(finetune, again))
     report = forgetting_report(args, results, repeats, level, chosen, (people, new_people, iters, interval))
+    report += f"\n{len(results) + len(repeats)} finetuning runs in {(time.time() - start) / 60:.1f} minutes with --jobs {args.jobs}.\n"
     if plot_forgetting(results, os.path.join(args.out, "forgetting.png")):
         report += "\n![learned against retained, every eval of every run](forgetting.png)\n"
     with open(os.path.join(args.out, "results.md"), "w") as f:
@@ -160,6 +163,14 @@ def forgetting_report(args, results, repeats, level, chosen, budget):
         lines.append(f"| {method} | {r['name']} | {len(runs)} | {spread(drops, '.0%')} | "
                      f"{spread([best_b(x) for x in runs], '.1%')} | "
                      f"{spread([x['evals'][-1]['retain_facts_acc'] for x in runs], '.1%')} |")
+    learned = best["full"]  # a second level: what full finetuning learns at best
+    lines += [f"\nAt the learning of full finetuning (B accuracy {learned:.1%}), each method's run with the lowest A drop:\n",
+              "| method | run | A drop | A acc there |", "|---|---|---|---|"]
+    for method in METHODS:
+        hits = [(drop_at(r, learned), r["name"]) for r in results if r["method"] == method]
+        hits = sorted(((drop, hit["retain_facts_acc"], name) for (hit, drop), name in hits if hit), key=lambda h: h[0])
+        lines.append(f"| {method} | {hits[0][2]} | {hits[0][0]:.0%} | {hits[0][1]:.1%} |" if hits else
+                     f"| {method} | - | does not reach it | - |")
     lines.append("\nBest B accuracy per method: " + ", ".join(f"{m} {b:.1%}" for m, b in best.items()) +
                  f"; smf reaches {best['smf'] / best['full']:.0%} of full finetuning's." if best["full"] else "")
     lines.append("\nEvery eval (B acc / A acc, %), per run:\n")

@@ -50,7 +50,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max norm of every gradient but the value tables' (0: off)
     mem_value_lr: float = 1e-2  # peak lr of the value tables, same schedule
     mem_value_grad_clip: float = 1.0  # max norm of the value tables' gradient, clipped on its own (0: off)
-    mem_sparse_update: bool = False  # value tables: touched-row gradients and RowAdamW instead of dense AdamW
+    mem_sparse_update: bool = False  # value tables: touched-row gradients and RowAdamW instead of dense AdamW (always with finetune='smf')
     nonfinite: str = "stop"  # a non-finite loss or gradient: 'stop' (weights untouched) or 'skip' the step
     # system
     device: str = "auto"  # 'auto': cuda, then mps, then cpu
@@ -63,7 +63,7 @@ class TrainConfig:
     finetune: str = "full"  # what trains: 'full' (every weight), 'lora', 'values' (the value tables), 'smf'
     optimizer: str = "adamw"  # 'adamw', or 'sgd' (plain SGD, no momentum: the sparse memory finetuning paper's)
     lora_rank: int = 8  # rank of the adapters on the attention and dense FFN projections (finetune='lora')
-    smf_rows: int = 500  # value rows per table updated each step: the batch's top rows by tf-idf (finetune='smf')
+    smf_rows: int = 2000  # value rows per table updated each step: the batch's top rows by tf-idf (finetune='smf')
     smf_background_batches: int = 50  # pretraining batches whose reads give each row's idf (finetune='smf')
     smf_idf: bool = True  # rank rows by tf * idf; False: by tf alone (an ablation)
     smf_background_dataset: str = ""  # those batches' dataset ('': the one the init_from checkpoint trained on)

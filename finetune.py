@@ -28,13 +28,12 @@ How a training loop uses it (the caller builds the optimizer from what prepare r
 Optimizers. "full" and "lora": any, e.g. AdamW on model.optimizer_groups (frozen parameters get no
 gradient, so AdamW skips them). "values": SGD or AdamW on the tables (RowAdamW with sparse_grad). "smf":
 masking zeroes (dense table gradient) or drops (sparse, ValueTable.sparse_grad) the other rows'
-gradients, and the other rows stay bit-identical under torch.optim.SGD without momentum or weight decay
-(dense or sparse gradients; the paper found SGD better than AdamW for this update), optim.RowAdamW on
-sparse gradients (any weight decay: it decays only the rows it updates), and torch.optim.AdamW with
-weight_decay=0 on dense gradients from a fresh state. Under AdamW (or SGD momentum) a row keeps moving on
-its moments once selected, so over several steps the rows that change are all steps' selections together;
-dense weight decay moves every row. "values" and "smf" leave DDP nothing to average (the tables are not
-DDP's): do not wrap the model in DDP then.
+gradients. train.py always gives smf sparse row gradients, and with them exactly the selected rows move,
+each bias-corrected by its own steps, under optim.RowAdamW (its weight decay touches only the rows it
+updates) or torch.optim.SGD without momentum. Under dense torch.optim.AdamW a row would keep moving on its
+moments after it leaves the selection, and a row first selected at step t would take a step of about
+sqrt(1 - beta2**t) / (1 - beta1**t) lr instead of lr. "values" and "smf" leave DDP nothing to average (the
+tables are not DDP's): do not wrap the model in DDP then.
 
 Under torchrun with column-sharded tables each rank counts its own tokens' reads; `reduce` (par.sum of
 distributed.Parallel) sums the counts over ranks, so every rank ranks the same rows, those of the whole

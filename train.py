@@ -248,20 +248,19 @@ class StopRequest:
 def make_optimizers(model, config, device):
     """{"optimizer": AdamW} over every parameter group (model.optimizer_groups), or with mem_sparse_update
     AdamW without the value tables (if anything else trains) plus {"value_optimizer": RowAdamW} over them
-    (touched rows only); with
-    optimizer='sgd', {"optimizer": SGD} over every group."""
+    (touched rows only); with optimizer='sgd', {"optimizer": SGD} over every group."""
     groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
     betas = (config["beta1"], config["beta2"])
-    for g in groups:  # SGD takes sparse row gradients undecayed only; dense decay would move rows smf must keep
-        if g["name"] == model.VALUE_GROUP and (config["optimizer"] == "sgd" or config["finetune"] == "smf"
-                                               and not config["mem_sparse_update"]):
+    for g in groups:  # SGD takes sparse row gradients undecayed only
+        if g["name"] == model.VALUE_GROUP and config["optimizer"] == "sgd":
             g["weight_decay"] = 0.0
     if config["optimizer"] == "sgd":  # plain SGD on every group, dense or sparse row gradients alike
         return {"optimizer": torch.optim.SGD(groups)}
     value_groups = [g for g in groups if g["name"] == model.VALUE_GROUP] if config["mem_sparse_update"] else []
     dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
-    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")} if dense_groups else {}
-    if value_groups:  # finetune='smf' or 'values' with mem_sparse_update: the value tables are all that trains
+    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")
+                  } if dense_groups else {}  # finetune='smf' or 'values' with mem_sparse_update train the tables only
+    if value_groups:
         optimizers["value_optimizer"] = RowAdamW(value_groups, betas=betas)
     return optimizers
 
@@ -299,6 +298,9 @@ def run(config, held):
         model = GPT(model_config, value_table=par.value_table)
     if checkpoint:
         model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
+    # smf's unselected rows must not move: under dense AdamW they would go on moving on their moments, and a
+    # row selected late would get a step bias-corrected by the run's step count (docs/method.md section 6)
+    config["mem_sparse_update"] |= config["finetune"] == "smf"
     for table in model.values:
         table.sparse_grad = config["mem_sparse_update"]
     smf = sparse_finetune(model, checkpoint, config, device, par) if config["finetune"] == "smf" else None

@@ -77,11 +77,17 @@ def test_ptx_command_reports_every_kernel_compiled_for_a_real_gpu(tmp_path):
     assert all(b["vector_loads_128"] > 0 for b in builds if b["kernel"] == "bag forward")
 
 
-def test_forgetting_quick_runs_every_method_and_writes_its_table(tmp_path, gpt2_bpe):
+def test_forgetting_quick_runs_every_method_and_smf_learns(tmp_path, gpt2_bpe):
+    from conftest import read_log
     out = tmp_path / "forgetting"
     result = run("bench.py", "forgetting", "--quick", f"--out={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (out / "results.md").read_text()
-    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| method")]
-    assert [row.split(" | ")[0] for row in rows] == ["| full", "| lora", "| values", "| smf"]
-    assert "Lowest A drop at equal learning" in table
+    runs = table[table.index("| method | run | B acc"):table.index("Each method's run")].strip().splitlines()[2:]
+    assert [row.split(" | ")[0] for row in runs] == ["| full", "| lora", "| values", "| smf"]
+    assert "Each method's run with the lowest A drop at equal learning" in table
+    # the smoke run is one in which sparse memory finetuning visibly learns B and keeps most of A
+    first, *_, last = read_log(out / "smf_rows2000_lr0.1", "eval")
+    assert last["facts_acc"] >= first["facts_acc"] + 0.05, (first["facts_acc"], last["facts_acc"])
+    assert last["retain_facts_acc"] >= 0.8 * first["retain_facts_acc"]
+    assert (out / "base" / "ckpt.pt").exists()  # pretrained once, then reused
