@@ -184,9 +184,8 @@ def sparse_finetune(model, checkpoint, config, device, par):
     generator = torch.Generator().manual_seed(config["seed"] + 1)
     batches = (get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank, par.world)
                for _ in range(config["smf_background_batches"]))
-    idf = inverse_document_frequency(*document_frequency(model, batches, par.sum))
-    if not config["smf_idf"]:
-        idf = [torch.ones_like(i) for i in idf]
+    idf = (inverse_document_frequency(*document_frequency(model, batches, par.sum)) if config["smf_idf"] else
+           [torch.ones(len(t.weight), dtype=torch.float64, device=device) for t in model.values])  # tf alone
     return SparseMemoryFinetune(model, idf, config["smf_rows"], par.sum)
 
 
