@@ -4,14 +4,12 @@ A config file is Python that assigns keys; config files apply in the order given
 line's --key=value overrides (which always win, wherever they stand). Every key is a field of TrainConfig
 below or of model.GPTConfig; its comment there is its help text (`python train.py --help` prints them).
 """
-import argparse
 import ast
 import difflib
 import inspect
 import json
 import math
 import re
-import sys
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -267,10 +265,3 @@ def usage():
             lines += ["", f"{section}:"]
         lines.append(f"  {key:<28} {default!r:<14} {meaning}")
     return "\n".join(lines)
-
-
-class OneLineErrors(argparse.ArgumentParser):
-    """An argparse parser whose bad options are one line, `error: ...`, like every other error of the tools."""
-
-    def error(self, message):
-        sys.exit(f"error: {message} (--help for the options)")

@@ -1,7 +1,7 @@
 """Training on several processes (torchrun): DDP for the dense weights, value tables split by columns.
 
     torchrun --standalone --nproc_per_node=N train.py configs/X.py [--mem_parallel=M]
-    python sizing.py configs/X.py --mem_parallel=M   # what each rank holds
+    python tools/sizing.py configs/X.py --mem_parallel=M   # what each rank holds
 
 The ranks form memory-parallel groups of M consecutive ranks (so a group stays inside a node when M
 divides the GPUs per node). In a group each rank holds every row of each value table but only v_dim/M

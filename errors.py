@@ -4,6 +4,8 @@ Raised for anything the user can fix: a setting, a data file, a checkpoint, a ru
 The message names the culprit and what to do instead. Every other exception is a bug and keeps its
 traceback.
 """
+import argparse
+import sys
 
 
 class UserError(Exception):
@@ -25,3 +27,10 @@ class CheckpointError(UserError):
 
 class NumericsError(UserError):
     """A non-finite loss or gradient during training (nonfinite='stop')."""
+
+
+class OneLineErrors(argparse.ArgumentParser):
+    """An argparse parser whose bad options are one line, `error: ...`, like every other error of the tools."""
+
+    def error(self, message):
+        sys.exit(f"error: {message} (--help for the options)")

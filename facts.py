@@ -6,7 +6,7 @@ one question template per attribute is never trained on, so the eval measures ex
 memorisation. The eval set holds a (prompt, answer) pair for every fact and question template.
 
     python prepare_data.py facts [--n_entities N] [--seed S] ...   # data/facts: bins, meta.json, eval.json
-    python bench.py facts [--seeds 2] [--jobs 1] [--models dense,memplus] [key=value ...]   # the comparison
+    python tools/bench.py facts [--seeds 2] [--jobs 1] [--models dense,memplus] [key=value ...]   # the comparison
 
 This module holds the knowledge base and its metric (greedy exact-match accuracy and gold-answer NLL,
 which train.py logs at every eval when the dataset folder has an eval.json).

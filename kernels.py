@@ -23,7 +23,7 @@ everywhere.
 
 Tiles: BLOCK_K rows x BLOCK_D columns per program (_blocks). MEMORY_KERNELS_AUTOTUNE=1 in the environment
 (read at import; CUDA only, never under the interpreter) autotunes BLOCK_K, BLOCK_D and num_warps instead,
-per dim and dtypes, over a small space that holds the default. kernel_builds.py compiles every kernel for
+per dim and dtypes, over a small space that holds the default. tools/kernel_builds.py compiles every kernel for
 real GPUs without one and reports registers, spills and 128-bit loads.
 """
 import contextlib

@@ -34,10 +34,9 @@ import torch
 
 import facts
 from checkpoint import load_latest, previous_path
-from config import OneLineErrors
 from data import (DATASET_NAME, TOKENIZERS, Tokenizer, UnknownPieces, gpt2_encoding, is_dataset_name, meta_problem,
                   read_meta, same_vocabulary, vocabulary)
-from errors import DataError, UserError
+from errors import DataError, OneLineErrors, UserError
 
 SHIPPED_SHAKESPEARE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "corpora", "tinyshakespeare.txt")
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"

@@ -14,9 +14,9 @@ import sys
 import torch
 
 from checkpoint import WEIGHTS, load_checkpoint
-from config import OneLineErrors, pick_device
+from config import pick_device
 from data import Tokenizer, meta_problem
-from errors import CheckpointError, ConfigError, DataError, UserError
+from errors import CheckpointError, ConfigError, DataError, OneLineErrors, UserError
 from model import GPT, GPTConfig
 
 

@@ -1,9 +1,9 @@
-# The capacity preset of the facts benchmark (`python bench.py facts --preset capacity`), on top of
+# The capacity preset of the facts benchmark (`python tools/bench.py facts --preset capacity`), on top of
 # configs/facts_common.py: a dense model small enough that a knowledge base it cannot hold fits a CPU
 # budget, trained long enough that its fact accuracy stops rising. Memory+ (configs/capacity_memplus.py)
-# replaces one of its two FFNs; bench.py derives the 2x and 4x dense models and the MoE with sizing.py.
-# One run: python bench.py facts --preset capacity --models dense --seeds 1
-dataset = "facts_1000"  # made by bench.py facts --preset capacity (or prepare_data.py facts --n_entities 1000 --name facts_1000)
+# replaces one of its two FFNs; tools/bench.py derives the 2x and 4x dense models and the MoE with tools/sizing.py.
+# One run: python tools/bench.py facts --preset capacity --models dense --seeds 1
+dataset = "facts_1000"  # made by tools/bench.py facts --preset capacity (or prepare_data.py facts --n_entities 1000 --name facts_1000)
 n_layer = 2
 n_head = 2
 n_embd = 32

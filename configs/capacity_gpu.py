@@ -1,7 +1,7 @@
-# The capacity preset at one GPU's scale (`python bench.py facts --preset capacity-gpu`), applied after each
+# The capacity preset at one GPU's scale (`python tools/bench.py facts --preset capacity-gpu`), applied after each
 # model's own config: the same suite on 4 layers of width 128 and a knowledge base of 8000 people, with
 # Memory+ from 16k to 1M values. Not run yet: sized so that every model sees each fact about 50 times.
-dataset = "facts_8000"  # made by bench.py facts --preset capacity-gpu
+dataset = "facts_8000"  # made by tools/bench.py facts --preset capacity-gpu
 n_layer = 4
 n_head = 4
 n_embd = 128

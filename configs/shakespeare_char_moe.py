@@ -1,5 +1,5 @@
 # Mixture of experts on tinyshakespeare, character level: the Memory+ config's baseline by the paper's rule
-# (`python sizing.py configs/shakespeare_char_memplus.py` prints it). Every feed-forward block is an MoE of
+# (`python tools/sizing.py configs/shakespeare_char_memplus.py` prints it). Every feed-forward block is an MoE of
 # top-1 SwiGLU experts shaped like the dense FFN, so about the dense (and Memory+) FLOPs per token; 11
 # experts is the smallest count whose total parameters (10.1M) exceed Memory+'s (9.6M).
 #   python prepare_data.py shakespeare --tokenizer char && python train.py configs/shakespeare_char_moe.py

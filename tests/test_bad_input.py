@@ -1,7 +1,7 @@
 """Bad input to every tool is one line on stderr, `error: <message>`, naming the culprit: a non-zero exit,
 no traceback, and nothing the user had on disk changed.
 
-Each case runs its tool (prepare_data.py, train.py, sample.py, bench.py, sizing.py) in a fresh process,
+Each case runs its tool (prepare_data.py, train.py, sample.py, tools/bench.py, tools/sizing.py) in a fresh process,
 in a folder of its own that holds {data}, a copy of the dataset 'tiny', and {run}, an out_dir (a copy of
 a trained run's where the setup says so). A case is (id, tool, arguments, setup, words its message must
 hold); arguments may name {data}, {run} and {case} (the folder). The files of the folder are hashed
@@ -179,23 +179,23 @@ CASES = [
     pytest.param("sample-device-cuda-missing", "sample.py", ["--out_dir={run}", "--device=cuda"], trained,
                  ["device='cuda'", "no CUDA device"], marks=CUDA),
     # bench.py
-    pytest.param("bench-kernels-cuda-missing", "bench.py", ["kernels", "--device=cuda"], None, ["device='cuda'"],
+    pytest.param("bench-kernels-cuda-missing", "tools/bench.py", ["kernels", "--device=cuda"], None, ["device='cuda'"],
                  marks=CUDA),
-    pytest.param("bench-layer-cuda-missing", "bench.py", ["layer", "--device=cuda"], None, ["device='cuda'"],
+    pytest.param("bench-layer-cuda-missing", "tools/bench.py", ["layer", "--device=cuda"], None, ["device='cuda'"],
                  marks=CUDA),
-    ("bench-unknown-shape", "bench.py", ["kernels", "--device=cpu", "--shapes=huge"], None, ["shape 'huge'"]),
-    ("bench-exponents-not-numbers", "bench.py", ["layer", "--exponents=a,b"], None, ["--exponents", "'a,b'"]),
-    ("bench-exponents-odd", "bench.py", ["layer", "--exponents=7"], None, ["--exponents", "'7'", "even"]),
-    ("bench-shape-zero-bag", "bench.py", ["kernels", "--device=cpu", "--shapes=10x0x5x4"], None,
+    ("bench-unknown-shape", "tools/bench.py", ["kernels", "--device=cpu", "--shapes=huge"], None, ["shape 'huge'"]),
+    ("bench-exponents-not-numbers", "tools/bench.py", ["layer", "--exponents=a,b"], None, ["--exponents", "'a,b'"]),
+    ("bench-exponents-odd", "tools/bench.py", ["layer", "--exponents=7"], None, ["--exponents", "'7'", "even"]),
+    ("bench-shape-zero-bag", "tools/bench.py", ["kernels", "--device=cpu", "--shapes=10x0x5x4"], None,
      ["shape '10x0x5x4'", "at least 1"]),
-    ("bench-facts-unknown-model", "bench.py", ["facts", "--models=gpt4", "--out={case}/facts"], None, ["gpt4"]),
+    ("bench-facts-unknown-model", "tools/bench.py", ["facts", "--models=gpt4", "--out={case}/facts"], None, ["gpt4"]),
     # sizing.py
-    ("sizing-without-config", "sizing.py", ["--n_layer=2"], None, ["config file"]),
-    ("sizing-config-missing", "sizing.py", ["{case}/none.py"], None, ["cannot read config file"]),
-    ("sizing-lr-negative", "sizing.py", TRAIN[:2] + ["--learning_rate=-1.0"], None, ["learning_rate=-1.0"]),
-    ("sizing-mem-parallel-indivisible", "sizing.py", TRAIN[:2] + ["--memory_layers=(1,)", "--mem_parallel=3"], None,
+    ("sizing-without-config", "tools/sizing.py", ["--n_layer=2"], None, ["config file"]),
+    ("sizing-config-missing", "tools/sizing.py", ["{case}/none.py"], None, ["cannot read config file"]),
+    ("sizing-lr-negative", "tools/sizing.py", TRAIN[:2] + ["--learning_rate=-1.0"], None, ["learning_rate=-1.0"]),
+    ("sizing-mem-parallel-indivisible", "tools/sizing.py", TRAIN[:2] + ["--memory_layers=(1,)", "--mem_parallel=3"], None,
      ["mem_parallel=3", "mem_v_dim=32"]),
-    ("sizing-meta-not-json", "sizing.py", TRAIN[:2], meta(lambda m: "["), ["meta.json", "JSON"]),
+    ("sizing-meta-not-json", "tools/sizing.py", TRAIN[:2], meta(lambda m: "["), ["meta.json", "JSON"]),
     # prepare_data.py
     ("prepare-input-missing", "prepare_data.py", ["text", "--input", "{case}/none.txt", "--name=x",
                                                   "--data_dir={data}"], None, ["none.txt"]),
@@ -326,7 +326,7 @@ def test_settings_at_the_ends_of_their_ranges_load():
 def test_there_are_enough_cases():
     assert len(CASES) >= 60 and len({case_id(c) for c in CASES}) == len(CASES)
     assert {(c.values if hasattr(c, "values") else c)[1] for c in CASES} == {
-        "train.py", "sample.py", "bench.py", "sizing.py", "prepare_data.py"}
+        "train.py", "sample.py", "tools/bench.py", "tools/sizing.py", "prepare_data.py"}
 
 
 @pytest.mark.parametrize("name, tool, args, setup, words", CASES, ids=[case_id(c) for c in CASES])

@@ -1,4 +1,4 @@
-"""bench.py's prepared GPU command runs end to end on CPU at tiny shapes, so the first GPU run cannot fail
+"""tools/bench.py's prepared GPU command runs end to end on CPU at tiny shapes, so the first GPU run cannot fail
 on a typo."""
 import pytest
 import torch
@@ -7,11 +7,11 @@ from conftest import run
 
 
 def test_gpu_command_writes_each_row_as_measured_and_goes_on_past_failures(tmp_path, monkeypatch, capsys):
-    """bench.py gpu at tiny shapes (--device=cpu, 3 training steps) with two failures forced: the memory layer
+    """tools/bench.py gpu at tiny shapes (--device=cpu, 3 training steps) with two failures forced: the memory layer
     (when it fails, the rows measured before it are in the file already) and the sparse training run (its log
     is kept beside the table). Each failure is one error row, every later measurement still runs, no
     checkpoint is written, and the command ends with a one-line error."""
-    import bench
+    from tools import bench
     out, seen = tmp_path / "gpu", {}
     real_layer, real_train = bench.layer_step, bench.train_and_log
 
@@ -49,26 +49,26 @@ def test_gpu_command_writes_each_row_as_measured_and_goes_on_past_failures(tmp_p
 
 
 def test_gpu_command_runs_the_sections_chosen(tmp_path):
-    result = run("bench.py", "gpu", "--device=cpu", f"--out={tmp_path}", "--sections=copy", cwd=tmp_path)
+    result = run("tools/bench.py", "gpu", "--device=cpu", f"--out={tmp_path}", "--sections=copy", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert [line for line in (tmp_path / "gpu.md").read_text().splitlines() if line.startswith("| ")][1:] == [
         line for line in result.stdout.splitlines() if line.startswith("| copy bandwidth")]
-    result = run("bench.py", "gpu", "--device=cpu", "--sections=copy,layers", cwd=tmp_path)
+    result = run("tools/bench.py", "gpu", "--device=cpu", "--sections=copy,layers", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr == (
         "error: unknown sections ['layers']: choose from copy,kernels,layer,train\n")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU: the command would run in full")
 def test_gpu_command_without_a_gpu_says_so_in_one_line(tmp_path):
-    result = run("bench.py", "gpu", cwd=tmp_path)
+    result = run("tools/bench.py", "gpu", cwd=tmp_path)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
-    assert result.stderr.startswith("error: bench.py gpu needs a CUDA device")
+    assert result.stderr.startswith("error: tools/bench.py gpu needs a CUDA device")
 
 
 def test_ptx_command_reports_every_kernel_compiled_for_a_real_gpu(tmp_path):
     """`python bench.py ptx --json` (one arch and dtype here, for time): Triton's own compiler, no GPU."""
     import json
-    result = run("bench.py", "ptx", "--archs=90", "--dtypes=bfloat16", "--json", cwd=tmp_path)
+    result = run("tools/bench.py", "ptx", "--archs=90", "--dtypes=bfloat16", "--json", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     builds = json.loads(result.stdout)
     keys = {"kernel", "arch", "dtype", "compiled", "registers", "spills", "vector_loads_128"}
@@ -80,7 +80,7 @@ def test_ptx_command_reports_every_kernel_compiled_for_a_real_gpu(tmp_path):
 def test_forgetting_quick_runs_every_method_and_smf_learns(tmp_path, gpt2_bpe):
     from conftest import read_log
     out = tmp_path / "forgetting"
-    result = run("bench.py", "forgetting", "--quick", f"--out={out}", cwd=tmp_path)
+    result = run("tools/bench.py", "forgetting", "--quick", f"--out={out}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     table = (out / "results.md").read_text()
     runs = table[table.index("| method | run | B acc"):table.index("Each method's run")].strip().splitlines()[2:]

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import bench_facts
+from tools import bench_facts
 import facts
 from conftest import ROOT
 from model import GPT, GPTConfig
@@ -184,7 +184,7 @@ def test_train_logs_fact_scores_at_each_eval(facts_data_dir, tmp_path):
 def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path):
     tiny = ["n_head=2", "n_embd=32", "block_size=32", "batch_size=4", "max_iters=2", "eval_interval=2", "eval_iters=1",
             "facts_eval_size=10", "mem_n_keys=8", "mem_knn=4", "mem_k_dim=16"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--models=dense,memplus",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", "--models=dense,memplus",
                              "--seeds=2", "--jobs=2", f"--out={tmp_path}", f"--data_dir={facts_data_dir}", *tiny],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -206,7 +206,7 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
     (["--sedes=3"], "error: unrecognized arguments: --sedes=3"),
 ])
 def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", f"--out={tmp_path}", *args],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", f"--out={tmp_path}", *args],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0 and result.stderr.count("\n") == 1 and result.stderr.startswith(message)
 
@@ -218,7 +218,7 @@ def test_capacity_suite_sizes_what_it_promises(preset):
     PEER about as large. Sizes are recomputed here from the runs' own config files and overrides, on the
     meta device."""
     from config import gpt_config, load_config
-    from sizing import costs
+    from tools.sizing import costs
 
     def sized(run, *changes):
         return costs(gpt_config(load_config([bench_facts.config_path(c) for c in run.configs] + list(run.overrides)
@@ -254,7 +254,7 @@ def test_headline_counts_rises_spreads_and_seeds():
 def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tmp_path):
     """Three models of the capacity preset at a tiny budget, two seeds, on a knowledge base it makes."""
     tiny = ["max_iters=2", "eval_interval=1", "eval_iters=1", "facts_eval_size=10", "batch_size=4"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--preset=capacity",
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", "--preset=capacity",
                              "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", "--jobs=2",
                              f"--out={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *tiny],
                             capture_output=True, text=True, timeout=180)
@@ -274,7 +274,7 @@ def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tm
     start = next(e for e in events if e["event"] == "start")
     assert start["config"]["mem_n_keys"] == 64 and start["config"]["seed"] == 2 and start["config"]["dataset"] == "facts_30"
 
-    report = [sys.executable, os.path.join(ROOT, "bench.py"), "facts", "--preset=capacity", "--report",
+    report = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", "--preset=capacity", "--report",
               "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", f"--out={tmp_path / 'out'}",
               f"--data_dir={tmp_path / 'data'}"]
     (tmp_path / "out" / "results.md").unlink()

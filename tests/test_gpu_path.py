@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import kernel_builds
+from tools import kernel_builds
 import kernels
 
 

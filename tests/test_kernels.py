@@ -229,8 +229,8 @@ def test_double_backward_raises():
 
 
 def test_bench_kernels_json(capsys):
-    """`python bench.py kernels --json` at a tiny shape: one row per CPU backend, in the bytes it documents."""
-    import bench
+    """`python tools/bench.py kernels --json` at a tiny shape: one row per CPU backend, in the bytes it documents."""
+    from tools import bench
     bench.main(["kernels", "--device", "cpu", "--shapes", "32x4x64x24", "--reps", "1", "--json"])
     report = json.loads(capsys.readouterr().out)
     assert [r["backend"] for r in report["results"]] == ["F.embedding_bag", "torch"]

@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import ROOT
-import plot
+from tools import plot
 
-PLOT = os.path.join(ROOT, "plot.py")
+PLOT = os.path.join(ROOT, "tools", "plot.py")
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 

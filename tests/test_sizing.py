@@ -7,7 +7,7 @@ import pytest
 from conftest import ROOT
 from model import GPT, GPTConfig
 from config import gpt_config, load_config
-from sizing import bytes_per_rank, costs, dense_baseline, main, moe_baseline
+from tools.sizing import bytes_per_rank, costs, dense_baseline, main, moe_baseline
 
 MEMORY = GPTConfig(vocab_size=50, block_size=24, n_layer=3, n_head=2, n_embd=32, memory_layers=(1,), mem_n_keys=64,
                    mem_heads=2, mem_knn=4)

@@ -1,4 +1,4 @@
-"""The factual-recall benchmark on the knowledge base of facts.py, run by `python bench.py facts`.
+"""The factual-recall benchmark on the knowledge base of facts.py, run by `python tools/bench.py facts`.
 
 facts: the factual-recall comparison, in one of two presets. `quick` (the default): every
 configs/facts_<model>.py (on top of configs/facts_common.py, which holds the data and the one training
@@ -29,9 +29,9 @@ from errors import UserError
 from facts import ATTRIBUTES, DEFAULT_ENTITIES, EVAL_FILE
 from model import GPTConfig
 from prepare_data import write_facts
-from sizing import dense_baseline, moe_baseline, overrides
+from tools import ROOT
+from tools.sizing import dense_baseline, moe_baseline, overrides
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def train_and_log(args, out_dir, threads=None):
@@ -329,7 +329,7 @@ def run_facts(args):
     took = ("" if args.report else f", {len(jobs)} runs in {(time.time() - start) / 60:.0f} minutes with --jobs {args.jobs}")
     settings = "\n".join(f"- {r.name}: `{' '.join([*r.configs, *r.overrides])}`" for r in runs)
     report = (f"# Factual recall: memory against dense at equal compute ({args.preset})\n\nData: {meta['source']}. "
-              f"Command: `python bench.py facts {' '.join(args.argv)}`{took}.\n\n{summary_table(rows)}\n\n"
+              f"Command: `python tools/bench.py facts {' '.join(args.argv)}`{took}.\n\n{summary_table(rows)}\n\n"
               f"{headline(rows)}\n\nEvery run (wall s: from its start to its last eval):\n\n{markdown_table(rows)}\n\n"
               f"Each model's configs (under configs/) and train.py overrides:\n{settings}\n")
     if plot_facts(rows, runs, os.path.join(args.out, "facts.png")):

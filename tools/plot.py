@@ -1,6 +1,6 @@
 """Plot training runs side by side from their log.jsonl files (written by train.py).
 
-    python plot.py OUT_DIR [OUT_DIR ...] [--out FILE.png] [--title T] [--labels a,b,c]
+    python tools/plot.py OUT_DIR [OUT_DIR ...] [--out FILE.png] [--title T] [--labels a,b,c]
 
 One PNG with these panels: train and val loss against iterations, val loss against tokens seen, the
 learning rate against iterations, and, when any run has memory layers, the fraction of each value

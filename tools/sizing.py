@@ -1,8 +1,8 @@
 """What a config costs, the baselines a memory model is compared with (docs/method.md section 4), and
 what each rank holds when the value tables are split over GPUs.
 
-    python sizing.py configs/A.py [configs/B.py ...] [--key=value ...]
-    python sizing.py configs/A.py --mem_parallel=8   # also the bytes one rank holds, for M = 1 and 8
+    python tools/sizing.py configs/A.py [configs/B.py ...] [--key=value ...]
+    python tools/sizing.py configs/A.py --mem_parallel=8   # also the bytes one rank holds, for M = 1 and 8
 
 For each config (with the overrides, as train.py reads them): total parameters, parameters active per
 token, forward FLOPs per token. For a config with memory layers, also its baselines, each with the
@@ -22,6 +22,9 @@ from functools import partial
 from itertools import count
 
 import torch
+
+if __package__ in (None, ""):  # run as `python tools/sizing.py`: the repository's modules are one folder up
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from config import gpt_config, load_config
 from data import read_meta
@@ -133,7 +136,7 @@ def main(argv=None):
     files = [a for a in argv if not a.startswith("--")]
     try:
         if not files:
-            raise UserError("name at least one config file: python sizing.py CONFIG.py [--key=value ...] "
+            raise UserError("name at least one config file: python tools/sizing.py CONFIG.py [--key=value ...] "
                             "(--help for more)")
         for path in files:  # a+b.py: config files applied in order, as train.py applies them
             config = load_config(path.split("+") + [a for a in argv if a.startswith("--")])

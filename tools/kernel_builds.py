@@ -1,5 +1,5 @@
 """Every Triton kernel of kernels.py compiled for real NVIDIA GPUs by Triton's own compiler, on a machine
-without one (`python bench.py ptx`): what the CPU interpreter accepts and a GPU would reject shows here,
+without one (`python tools/bench.py ptx`): what the CPU interpreter accepts and a GPU would reject shows here,
 and so do registers, spills and whether the loads vectorised."""
 import json
 import os
@@ -11,6 +11,7 @@ import tempfile
 import torch
 
 import kernels
+from tools import ROOT
 
 triton = kernels.triton  # None without Triton
 
@@ -33,8 +34,8 @@ def gpu_builds(archs=(80, 90), dtypes=kernels.TRITON_DTYPES, index_dtypes=(torch
         names = lambda ds: f"({''.join(f'{d}, ' for d in ds)})"
         call = f"kernel_builds.gpu_builds({tuple(archs)!r}, {names(dtypes)}, {names(index_dtypes)}, {dim}, {bag})"
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-        done = subprocess.run([sys.executable, "-c", f"import json, torch, kernel_builds; print(json.dumps({call}))"],
-                              cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True)
+        done = subprocess.run([sys.executable, "-c", f"import json, torch; from tools import kernel_builds; print(json.dumps({call}))"],
+                              cwd=ROOT, env=env, capture_output=True, text=True)
         if done.returncode:
             raise RuntimeError(f"gpu_builds in a subprocess failed: {done.stderr[-2000:]}")
         return json.loads(done.stdout.splitlines()[-1])

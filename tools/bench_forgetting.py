@@ -1,4 +1,4 @@
-"""Learning new facts without forgetting, run by `python bench.py forgetting`: sparse memory finetuning
+"""Learning new facts without forgetting, run by `python tools/bench.py forgetting`: sparse memory finetuning
 (Lin et al. 2025) against full finetuning, LoRA and finetuning every value, as the paper compares them.
 
 The base model keeps its facts in its memory, so that new facts have somewhere to go: the capacity
@@ -18,10 +18,10 @@ import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from bench_facts import config_path, mean, pyplot, train_and_log
 from errors import UserError
 from facts import ATTRIBUTES, EVAL_FILE
 from prepare_data import write_facts
+from tools.bench_facts import config_path, mean, pyplot, train_and_log
 
 METHODS = ("full", "lora", "values", "smf")  # the finetune modes compared; ablations are smf runs beside them
 
@@ -141,7 +141,7 @@ def forgetting_report(args, results, repeats, level, chosen, budget):
     start = results[0]["evals"][0]
     base_a, base_b = start["retain_facts_acc"], start["facts_acc"]
     best = {m: max(best_b(r) for r in results if r["method"] == m) for m in METHODS}
-    lines = [f"# Learning new facts without forgetting\n\nCommand: `python bench.py forgetting {' '.join(args.argv)}`. "
+    lines = [f"# Learning new facts without forgetting\n\nCommand: `python tools/bench.py forgetting {' '.join(args.argv)}`. "
              f"Memory+ pretrained on {people} people (A: {base_a:.1%} of their facts recalled, B: {base_b:.1%}), "
              f"finetuned on {new_people} new people (B) for {iters} iterations, evaluated every {interval}.\n",
              f"Equal learning: the first eval where B accuracy reaches {level:.1%}, the highest level every method "

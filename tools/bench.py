@@ -1,4 +1,4 @@
-"""Benchmarks, one subcommand each: `python bench.py kernels|layer|train|ptx|gpu|facts|forgetting ...`.
+"""Benchmarks, one subcommand each: `python tools/bench.py kernels|layer|train|ptx|gpu|facts|forgetting ...`.
 
 kernels: forward and backward of kernels.embedding_bag (each backend) against PyTorch's
 F.embedding_bag and against the machine's copy bandwidth (a plain tensor copy timed in the same run).
@@ -20,7 +20,7 @@ optionally torch.compile; a fresh train.py process per measurement.
 ptx: every Triton kernel compiled by Triton's own compiler for sm_80 and sm_90 on any machine, no GPU needed
 (kernel_builds.gpu_builds): per build, whether it compiled, registers, spills and 128-bit global loads.
 
-gpu: the one command to run on the first GPU at hand (`python bench.py gpu`, under 6 minutes on an H100 by
+gpu: the one command to run on the first GPU at hand (`python tools/bench.py gpu`, under 6 minutes on an H100 by
 estimate, see the README), its sections cheapest first: the card's copy bandwidth; the kernels at the paper's
 shapes in bf16 and fp32 (int32 indices, as the model reads) against it and against F.embedding_bag; the memory
 layer at GPT-2-small width against the dense FFN (bf16 autocast); --steps (30) training steps of
@@ -47,18 +47,18 @@ import time
 import torch
 import torch.nn.functional as F
 
-import kernel_builds
-import kernels
-from config import OneLineErrors, pick_device
-from errors import UserError
-import bench_facts
-import bench_forgetting
-from bench_facts import train_and_log
+if __package__ in (None, ""):  # run as `python tools/bench.py`: the repository's modules are one folder up
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+import kernels
+from config import pick_device
+from errors import OneLineErrors, UserError
+from tools import ROOT, bench_facts, bench_forgetting, kernel_builds
+from tools.bench_facts import train_and_log
+
 
 SHAPES = {  # name: (tokens, bag, rows N, dim)
-    "cpu-target": (4096, 128, 2**18, 256),  # issue 3's CPU target: backward <= 3x forward
+    "cpu-target": (4096, 128, 2**18, 256),  # the CPU target: backward <= 3x forward
     "paper-4k": (4096, 128, 2**20, 2048),  # paper: 4 heads x knn 32 per token, 1M values, 1.3B model dim
     "paper-32k": (32768, 128, 2**20, 2048),
     "official": (4096, 10, 2**20, 4096),  # the official repo's kernel benchmark (16 GiB fp32 table on CPU)
@@ -442,7 +442,7 @@ def run_gpu(args):
     soon as it is taken; training runs' logs in OUT/train-dense and OUT/train-sparse."""
     device = torch.device(args.device or "cuda")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError("bench.py gpu needs a CUDA device (or --device=cpu for a smoke run at tiny shapes)")
+        raise UserError("tools/bench.py gpu needs a CUDA device (or --device=cpu for a smoke run at tiny shapes)")
     unknown = set(args.sections) - set(GPU_SECTIONS)
     if unknown:
         raise UserError(f"unknown sections {sorted(unknown)}: choose from {','.join(GPU_SECTIONS)}")
@@ -453,7 +453,7 @@ def run_gpu(args):
     tiny, reps, began = device.type == "cpu", 2 if device.type == "cpu" else 10, time.time()
     torch.backends.cuda.matmul.allow_tf32 = True
     os.makedirs(args.out, exist_ok=True)
-    table = GpuTable(os.path.join(args.out, "gpu.md"), f"`python bench.py gpu` on {machine(device)}, torch "
+    table = GpuTable(os.path.join(args.out, "gpu.md"), f"`python tools/bench.py gpu` on {machine(device)}, torch "
                      f"{torch.__version__}, triton {kernels.triton.__version__ if kernels.triton else 'none'}")
     measured = {}
     if "copy" in args.sections:
