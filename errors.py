@@ -34,3 +34,9 @@ class OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message):
         sys.exit(f"error: {message} (--help for the options)")
+
+
+def need(ok, message):
+    """The check of a setting: ConfigError(message) unless ok."""
+    if not ok:
+        raise ConfigError(message)

@@ -46,10 +46,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from errors import ConfigError
-from model import Attention, SwiGLU
 
 FINETUNE_MODES = ("full", "lora", "values", "smf")
-LORA_TARGETS = {Attention: ("qkv", "proj"), SwiGLU: ("w1", "w2", "w3")}  # module type: its adapted Linears
 
 
 class ReadCounts:
@@ -227,9 +225,10 @@ class LoRALinear(nn.Module):
 
 
 def add_lora(model, rank, alpha=None):
-    """Wrap the attention projections (qkv, proj) and the dense SwiGLU FFNs' w1, w2, w3 in LoRALinear."""
+    """Wrap the Linears each module names in its lora_targets (model.py: the attention projections qkv and
+    proj, the dense SwiGLU FFNs' w1, w2, w3) in LoRALinear."""
     for module in list(model.modules()):
-        for name in LORA_TARGETS.get(type(module), ()):
+        for name in getattr(module, "lora_targets", ()):
             setattr(module, name, LoRALinear(getattr(module, name), rank, alpha))
 
 

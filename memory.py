@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import need
 from kernels import embedding_bag
 
 SEARCH_DTYPES = {"cuda": torch.bfloat16}  # operands of the fp32 search's score products, by device type
@@ -210,8 +211,11 @@ class ProductKeyMemory(nn.Module):
     1/sqrt(k_dim/2), which bounds them and is what the paper suggests for unstable small models.
     """
 
-    def __init__(self, dim, n_keys, heads, knn, k_dim, v_dim, swilu=True, qk_norm=False):
+    reads = ("values",)  # forward takes the layer's ValueTable (model.py's FFN_KINDS)
+
+    def __init__(self, dim, n_keys, heads, knn, k_dim, v_dim, swilu=True, qk_norm=False, share_table=True):
         super().__init__()
+        self.share_table = share_table  # one table for every memory layer of the model (mem_share_values)
         self.dim, self.n_keys, self.heads, self.knn = dim, n_keys, heads, knn
         self.k_dim, self.v_dim, self.swilu, self.qk_norm = k_dim, v_dim, swilu, qk_norm
         self.query = nn.Linear(dim, heads * k_dim, bias=True)
@@ -223,6 +227,26 @@ class ProductKeyMemory(nn.Module):
             self.w1 = nn.Linear(dim, v_dim, bias=True)
             self.w2 = nn.Linear(v_dim, dim, bias=True)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, c):
+        """The memory layer of a GPTConfig (its mem_* settings)."""
+        return cls(c.n_embd, c.mem_n_keys, c.mem_heads, c.mem_knn, c.mem_k_dim, c.mem_v_dim, c.mem_swilu,
+                   c.mem_qk_norm, c.mem_share_values)
+
+    @staticmethod
+    def check_config(c):
+        for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim", "mem_v_dim"):
+            need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
+        need(c.mem_knn <= c.mem_n_keys, f"mem_knn={c.mem_knn} must be at most mem_n_keys={c.mem_n_keys}")
+        need(c.mem_k_dim % 2 == 0, f"mem_k_dim={c.mem_k_dim} must be even (it is split in two halves)")
+        need(c.mem_swilu or c.mem_v_dim == c.n_embd,
+             f"mem_v_dim={c.mem_v_dim} must equal n_embd={c.n_embd} without mem_swilu "
+             "(the plain memory layer returns its read directly)")
+
+    def table_shape(self):
+        """The ValueTable the model makes for this layer: n_keys**2 rows of v_dim."""
+        return self.n_keys ** 2, self.v_dim
 
     def reset_parameters(self):
         """The official initialisation, with every bias zero."""

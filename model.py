@@ -1,5 +1,5 @@
 """A Llama-style GPT whose feed-forward blocks are chosen per layer: dense SwiGLU, product-key memory,
-mixture of experts or PEER.
+mixture of experts or PEER (FFN_KINDS).
 
 RMSNorm, rotary position embeddings, causal scaled-dot-product attention, SwiGLU FFN, no biases in
 attention or FFN. The model owns the memory value tables (one shared by all memory layers, or one per
@@ -13,10 +13,23 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from errors import ConfigError
+from errors import need
 from memory import ProductKeyMemory, ValueTable
 from moe import MoE
 from peer import PEER
+
+# The feed-forward kinds: the GPTConfig field listing a kind's 0-based layers, and its block class. Every
+# other layer holds a dense SwiGLU. A block class (docs/method.md, "Adding a block") provides:
+#   from_config(config)  the block of one layer, built from its GPTConfig fields (a prefix of its own)
+#   check_config(config) a ConfigError (errors.need) for any of those fields that cannot work
+#   reads                what forward takes besides x, by name: "values" (the layer's ValueTable, made by the
+#                        model from the block's table_shape(), shared by every layer of the kind when its
+#                        share_table is true) and "idx" (the token ids at x's positions, (B, T))
+#   forward(x, **reads)  x (B, T, n_embd), normalised -> (B, T, n_embd), added to the residual stream
+#   reset_parameters(), active_params() (per token, rows read included), flops_per_token() (2 per multiply-add)
+#   and may provide aux_loss() (added to the training loss) and lora_targets (Linears finetune's LoRA adapts).
+FFN_KINDS = {"memory_layers": ProductKeyMemory, "moe_layers": MoE, "peer_layers": PEER}
+
 
 @dataclass
 class GPTConfig:
@@ -55,9 +68,8 @@ class GPTConfig:
     peer_k_dim: int = 0  # query size per head; 0: n_embd // 2
 
     def __post_init__(self):
-        self.memory_layers = tuple(self.memory_layers)
-        self.moe_layers = tuple(self.moe_layers)
-        self.peer_layers = tuple(self.peer_layers)
+        for field in FFN_KINDS:
+            setattr(self, field, tuple(getattr(self, field)))
         self.ffn_hidden = self.ffn_hidden or 64 * math.ceil(8 * self.n_embd / 3 / 64)
         self.mem_k_dim = self.mem_k_dim or self.n_embd // 2
         self.mem_v_dim = self.mem_v_dim or self.n_embd
@@ -66,48 +78,24 @@ class GPTConfig:
         self.validate()
 
     def validate(self):
-        def need(ok, message):
-            if not ok:
-                raise ConfigError(message)
-
+        """A ConfigError naming the first setting that cannot work; each feed-forward kind checks its own."""
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "ffn_hidden"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
         need(self.n_embd % self.n_head == 0,
              f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         need((self.n_embd // self.n_head) % 2 == 0,
              f"head size n_embd/n_head={self.n_embd // self.n_head} must be even for rotary embeddings")
-        kinds = ("memory_layers", "moe_layers", "peer_layers")
-        for kind in kinds:
+        for kind in FFN_KINDS:
             layers = getattr(self, kind)
             bad = [i for i in layers if not (isinstance(i, int) and 0 <= i < self.n_layer)]
             need(not bad, f"{kind} names {bad}, but layers are 0..{self.n_layer - 1} (n_layer={self.n_layer})")
             need(len(set(layers)) == len(layers), f"{kind} lists a layer twice: {layers}")
-        for a, b in combinations(kinds, 2):
+        for a, b in combinations(FFN_KINDS, 2):
             both = sorted(set(getattr(self, a)) & set(getattr(self, b)))
             need(not both, f"layers {both} are listed in both {a} and {b}: a layer has one feed-forward block")
-        if self.moe_layers:
-            for name in ("moe_num_experts", "moe_top_k", "moe_hidden"):
-                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-            need(self.moe_top_k <= self.moe_num_experts,
-                 f"moe_top_k={self.moe_top_k} must be at most moe_num_experts={self.moe_num_experts}")
-            for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
-                need(getattr(self, name) >= 0, f"{name} must be non-negative, got {getattr(self, name)}")
-        if self.peer_layers:
-            for name in ("peer_n_keys", "peer_heads", "peer_knn", "peer_k_dim"):
-                need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-            need(self.peer_knn <= self.peer_n_keys,
-                 f"peer_knn={self.peer_knn} must be at most peer_n_keys={self.peer_n_keys}")
-            need(self.peer_k_dim % 2 == 0, f"peer_k_dim={self.peer_k_dim} must be even (it is split in two halves)")
-        if not self.memory_layers:
-            return
-        for name in ("mem_n_keys", "mem_heads", "mem_knn", "mem_k_dim", "mem_v_dim"):
-            need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        need(self.mem_knn <= self.mem_n_keys,
-             f"mem_knn={self.mem_knn} must be at most mem_n_keys={self.mem_n_keys}")
-        need(self.mem_k_dim % 2 == 0, f"mem_k_dim={self.mem_k_dim} must be even (it is split in two halves)")
-        need(self.mem_swilu or self.mem_v_dim == self.n_embd,
-             f"mem_v_dim={self.mem_v_dim} must equal n_embd={self.n_embd} without mem_swilu "
-             "(the plain memory layer returns its read directly)")
+        for kind, block in FFN_KINDS.items():
+            if getattr(self, kind):
+                block.check_config(self)
 
     @property
     def residual_std(self):
@@ -156,6 +144,8 @@ class KVCache:
 
 
 class Attention(nn.Module):
+    lora_targets = ("qkv", "proj")
+
     def __init__(self, config):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
@@ -178,13 +168,26 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim, hidden):
+    """The dense feed-forward block, of every layer no FFN_KINDS field lists."""
+    reads = ()
+    lora_targets = ("w1", "w2", "w3")
+
+    def __init__(self, dim, hidden, out_std=0.02):
         super().__init__()
+        self.out_std = out_std
         self.w1 = nn.Linear(dim, hidden, bias=False)
         self.w3 = nn.Linear(dim, hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
 
-    def forward(self, x, values=None):
+    @classmethod
+    def from_config(cls, c):
+        return cls(c.n_embd, c.ffn_hidden, out_std=c.residual_std)
+
+    def reset_parameters(self):
+        """The output projection at out_std (scaled with depth); w1 and w3 keep the model's N(0, 0.02)."""
+        nn.init.normal_(self.w2.weight, std=self.out_std)
+
+    def forward(self, x):
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
     def active_params(self):
@@ -200,21 +203,13 @@ class Block(nn.Module):
         self.attn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
         self.attn = Attention(config)
         self.ffn_norm = nn.RMSNorm(config.n_embd, eps=config.norm_eps)
-        if layer in config.memory_layers:
-            self.ffn = ProductKeyMemory(config.n_embd, config.mem_n_keys, config.mem_heads, config.mem_knn,
-                                        config.mem_k_dim, config.mem_v_dim, config.mem_swilu, config.mem_qk_norm)
-        elif layer in config.moe_layers:
-            self.ffn = MoE(config.n_embd, config.moe_hidden, config.moe_num_experts, config.moe_top_k,
-                           config.moe_aux_loss_weight, config.moe_z_loss_weight,
-                           out_std=config.residual_std)
-        elif layer in config.peer_layers:
-            self.ffn = PEER(config.n_embd, config.peer_n_keys, config.peer_heads, config.peer_knn, config.peer_k_dim)
-        else:
-            self.ffn = SwiGLU(config.n_embd, config.ffn_hidden)
+        kind = next((block for field, block in FFN_KINDS.items() if layer in getattr(config, field)), SwiGLU)
+        self.ffn = kind.from_config(config)
 
-    def forward(self, x, cos, sin, values=None, cache=None, start=0):
+    def forward(self, x, cos, sin, inputs, cache=None, start=0):
+        """inputs: what the feed-forward block may read ("values", "idx"); it is handed those it names."""
         x = x + self.attn(self.attn_norm(x), cos, sin, cache, start)
-        return x + self.ffn(self.ffn_norm(x), values)
+        return x + self.ffn(self.ffn_norm(x), **{name: inputs[name] for name in self.ffn.reads})
 
 
 class GPT(nn.Module):
@@ -230,25 +225,25 @@ class GPT(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
         self.rotary = RotaryEmbedding(config.n_embd // config.n_head, config.block_size, config.rope_theta)
-        # value tables: values[table_of_layer[i]] serves memory layer i
-        n_tables = min(1, len(config.memory_layers)) if config.mem_share_values else len(config.memory_layers)
-        self.values = nn.ModuleList(value_table(config.mem_n_keys ** 2, config.mem_v_dim) for _ in range(n_tables))
-        self.table_of_layer = {layer: (0 if config.mem_share_values else slot)
-                               for slot, layer in enumerate(sorted(config.memory_layers))}
+        # value tables: values[table_of_layer[i]] serves layer i, one per layer that reads one, or one per kind
+        # whose blocks share theirs; in layer order, so a checkpoint's tables keep their names
+        shapes, self.table_of_layer = {}, {}
+        for i, block in enumerate(self.blocks):
+            if "values" in block.ffn.reads:
+                key = type(block.ffn) if block.ffn.share_table else i
+                self.table_of_layer[i] = shapes.setdefault(key, (len(shapes), block.ffn.table_shape()))[0]
+        self.values = nn.ModuleList(value_table(*shape) for _, shape in shapes.values())
         self.reset_parameters()
 
     def reset_parameters(self):
-        """GPT-2 style init for dense weights (residual projections scaled by depth); memory, MoE and PEER
-        blocks then reset their own. The value tables initialised themselves, once, where they were made."""
+        """GPT-2 style init for dense weights (residual projections scaled by depth); the feed-forward blocks
+        then reset their own. The value tables initialised themselves, once, where they were made."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, std=0.02)
         for block in self.blocks:
             nn.init.normal_(block.attn.proj.weight, std=self.config.residual_std)
-            if isinstance(block.ffn, SwiGLU):
-                nn.init.normal_(block.ffn.w2.weight, std=self.config.residual_std)
-            else:
-                block.ffn.reset_parameters()
+            block.ffn.reset_parameters()
 
     def forward(self, idx, targets=None, caches=None, start=0):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given,
@@ -262,14 +257,14 @@ class GPT(nn.Module):
         cos, sin = self.rotary(start, T)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            values = self.values[self.table_of_layer[i]] if i in self.table_of_layer else None
-            x = block(x, cos, sin, values, caches[i] if caches else None, start)
+            inputs = {"idx": idx, "values": self.values[self.table_of_layer[i]] if i in self.table_of_layer else None}
+            x = block(x, cos, sin, inputs, caches[i] if caches else None, start)
         logits = self.lm_head(self.norm(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            if self.training:  # the routers' auxiliary losses train the model; evaluation is cross-entropy alone
-                loss = loss + sum(b.ffn.aux_loss() for b in self.blocks if isinstance(b.ffn, MoE))
+            if self.training:  # the blocks' auxiliary losses train the model; evaluation is cross-entropy alone
+                loss = loss + sum(b.ffn.aux_loss() for b in self.blocks if hasattr(b.ffn, "aux_loss"))
         return logits, loss
 
     def routing_stats(self):

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import need
+
 
 class MoE(nn.Module):
     """num_experts SwiGLU experts (dim -> hidden -> dim); each token runs through top_k of them.
@@ -26,6 +28,8 @@ class MoE(nn.Module):
     each expert got) hold that batch's routing; aux_loss() is what the model adds to its training loss.
     out_std: init std of the experts' output projections (the model scales them with depth).
     """
+
+    reads = ()  # forward takes x alone (model.py's FFN_KINDS)
 
     def __init__(self, dim, hidden, num_experts, top_k, aux_loss_weight=0.0, z_loss_weight=0.0, out_std=0.02):
         super().__init__()
@@ -38,6 +42,21 @@ class MoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.balance_loss = self.z_loss = self.expert_fractions = None
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, c):
+        """The MoE of a GPTConfig (its moe_* settings), output projections scaled with depth."""
+        return cls(c.n_embd, c.moe_hidden, c.moe_num_experts, c.moe_top_k, c.moe_aux_loss_weight,
+                   c.moe_z_loss_weight, out_std=c.residual_std)
+
+    @staticmethod
+    def check_config(c):
+        for name in ("moe_num_experts", "moe_top_k", "moe_hidden"):
+            need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
+        need(c.moe_top_k <= c.moe_num_experts,
+             f"moe_top_k={c.moe_top_k} must be at most moe_num_experts={c.moe_num_experts}")
+        for name in ("moe_aux_loss_weight", "moe_z_loss_weight"):
+            need(getattr(c, name) >= 0, f"{name} must be non-negative, got {getattr(c, name)}")
 
     def reset_parameters(self):
         """Like the model's dense SwiGLU: N(0, 0.02), output projections N(0, out_std)."""
@@ -70,7 +89,7 @@ class MoE(nn.Module):
     def expert(self, e, x):
         return F.linear(F.silu(F.linear(x, self.w1[e])) * F.linear(x, self.w3[e]), self.w2[e])
 
-    def forward(self, x, values=None):
+    def forward(self, x):
         """x (..., dim) -> (..., dim)."""
         shape = x.shape
         x = x.reshape(-1, self.dim)

@@ -15,11 +15,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from errors import need
 from kernels import embedding_bag
 from memory import ProductKeyMemory
 
 
 class PEER(nn.Module):
+    reads = ()  # forward takes x alone: the experts are its own parameters (model.py's FFN_KINDS)
+
     def __init__(self, dim, n_keys, heads, knn, k_dim):
         super().__init__()
         self.dim, self.heads, self.knn = dim, heads, knn
@@ -28,13 +31,25 @@ class PEER(nn.Module):
         self.up = nn.Parameter(torch.empty(n_keys ** 2, dim))  # v_i
         self.reset_parameters()
 
+    @classmethod
+    def from_config(cls, c):
+        """The PEER layer of a GPTConfig (its peer_* settings)."""
+        return cls(c.n_embd, c.peer_n_keys, c.peer_heads, c.peer_knn, c.peer_k_dim)
+
+    @staticmethod
+    def check_config(c):
+        for name in ("peer_n_keys", "peer_heads", "peer_knn", "peer_k_dim"):
+            need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
+        need(c.peer_knn <= c.peer_n_keys, f"peer_knn={c.peer_knn} must be at most peer_n_keys={c.peer_n_keys}")
+        need(c.peer_k_dim % 2 == 0, f"peer_k_dim={c.peer_k_dim} must be even (it is split in two halves)")
+
     def reset_parameters(self):
         """The memory layer's search init; u_i . x starts about N(0, 1) for unit-RMS x, v_i like memory values."""
         self.search.reset_parameters()
         nn.init.normal_(self.down, std=self.dim ** -0.5)
         nn.init.normal_(self.up, std=self.dim ** -0.5)
 
-    def forward(self, x, values=None):
+    def forward(self, x):
         """x (..., dim) -> (..., dim)."""
         shape = x.shape
         x = x.reshape(-1, self.dim)

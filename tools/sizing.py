@@ -30,7 +30,7 @@ from config import gpt_config, load_config
 from data import read_meta
 from distributed import ShardedValueTable
 from errors import UserError
-from model import GPT, GPTConfig
+from model import FFN_KINDS, GPT, GPTConfig
 
 
 def costs(config):
@@ -42,7 +42,7 @@ def costs(config):
 
 def dense_version(config):
     """config with every feed-forward block a dense SwiGLU."""
-    return replace(config, memory_layers=(), moe_layers=(), peer_layers=())
+    return replace(config, **{field: () for field in FFN_KINDS})
 
 
 def dense_baseline(config, factor):
