@@ -1,7 +1,8 @@
 """Training settings: the keys and their defaults, config files and --key=value overrides, device and dtype.
 
 A config file is Python that assigns keys; config files apply in the order given, then the command
-line's --key=value overrides (which always win, wherever they stand). Every key is a field of TrainConfig
+line's --key=value overrides (which always win, wherever they stand). A config file may start from another
+with include("other.py") (a path relative to its own folder): the keys assigned after it win. Every key is a field of TrainConfig
 below or of model.GPTConfig; its comment there is its help text (`python train.py --help` prints them).
 """
 import ast
@@ -9,6 +10,7 @@ import difflib
 import inspect
 import json
 import math
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 
@@ -151,14 +153,17 @@ def read_config_file(path):
     else:
         raise ConfigError(f"config file {path} is JSON, not Python: write its keys as Python assignments such "
                           "as dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")
-    namespace = {}
+    namespace = {"include": lambda name: namespace.update(read_config_file(os.path.join(os.path.dirname(path), name)))}
     try:
         exec(compile(source, path, "exec"), namespace)
     except SyntaxError as e:
         raise ConfigError(f"config file {path} line {e.lineno}: {e.msg}")
+    except ConfigError:  # an included file's own one-line error
+        raise
     except Exception as e:
         raise ConfigError(f"config file {path} fails to run ({type(e).__name__}: {e})")
-    keys = {k: v for k, v in namespace.items() if not k.startswith("_") and type(v).__name__ != "module"}
+    keys = {k: v for k, v in namespace.items()
+            if not k.startswith("_") and k != "include" and type(v).__name__ != "module"}
     if not keys:  # an empty file, bare expressions: nothing would change, so it is surely a mistake
         raise ConfigError(f"config file {path} assigns no config key: write Python assignments such as "
                           "dataset = 'shakespeare_char' (`python train.py --help` lists the keys)")

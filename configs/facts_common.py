@@ -1,7 +1,7 @@
 # The factual-recall benchmark (facts.py): data, training budget and base model shared by every
 # configs/facts_<model>.py, which sets only what its model changes. One run:
 #   python prepare_data.py facts && python train.py configs/facts_common.py configs/facts_memplus.py
-# All of them, with the results table: python facts.py compare
+# All of them, with the results table: python tools/bench.py facts
 dataset = "facts"
 out_dir = "out/facts"
 # base model: 6 layers of width 64; the compact BPE vocabulary of the knowledge base has about 525 ids

@@ -3,20 +3,8 @@
 # top-1 SwiGLU experts shaped like the dense FFN, so about the dense (and Memory+) FLOPs per token; 11
 # experts is the smallest count whose total parameters (10.1M) exceed Memory+'s (9.6M).
 #   python prepare_data.py shakespeare --tokenizer char && python train.py configs/shakespeare_char_moe.py
-dataset = "shakespeare_char"
+include("shakespeare_char_common.py")  # the data, the dense model and the budget
 out_dir = "out/shakespeare_char_moe"
-n_layer = 6
-n_head = 4
-n_embd = 128
-block_size = 128
-batch_size = 16
-max_iters = 1500
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
-learning_rate = 2e-3
-min_lr = 2e-4
-warmup_iters = 100
 moe_layers = (0, 1, 2, 3, 4, 5)
 moe_num_experts = 11
 moe_top_k = 1

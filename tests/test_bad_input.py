@@ -112,6 +112,8 @@ CASES = [
      ["meta.json is JSON, not Python"]),
     ("config-json-dict", "train.py", ["{case}/cfg.py", "{case}/run.json"] + TRAIN[1:],
      write("run.json", '{"max_iters": 1, "eval_interval": 1}'), ["run.json is JSON, not Python"]),
+    ("config-include-missing", "train.py", ["{case}/top.py"] + TRAIN[1:], write("top.py", 'include("base.py")\n'),
+     ["cannot read config file", "base.py"]),
     ("config-empty", "train.py", ["{case}/cfg.py", "{case}/empty.py"] + TRAIN[1:], write("empty.py", ""),
      ["empty.py assigns no config key"]),
     ("config-expressions", "train.py", ["{case}/cfg.py", "{case}/expr.py"] + TRAIN[1:],
@@ -314,6 +316,17 @@ def test_every_setting_is_checked_when_the_config_loads(override, words):
     with pytest.raises(ConfigError) as error:
         load_config([override])
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_an_included_config_applies_first_and_the_including_file_wins(tmp_path):
+    """include("base.py"), relative to the including file's folder, wherever the command runs."""
+    from config import load_config
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "base.py").write_text("n_layer = 3\nn_embd = 96\nlearning_rate = 1e-4\n")
+    (tmp_path / "sub" / "top.py").write_text('n_embd = 64\ninclude("base.py")\nn_layer = 2\n')
+    config = load_config([str(tmp_path / "sub" / "top.py")])
+    assert (config["n_layer"], config["n_embd"], config["learning_rate"]) == (2, 96, 1e-4)
+    assert "include" not in config
 
 
 def test_settings_at_the_ends_of_their_ranges_load():
