@@ -59,8 +59,8 @@ def check_sizes(orders, heads, table_rows):
     """A clear error for sizes the hash cannot serve."""
     if not 0 < table_rows <= PRIME:
         raise ValueError(f"ngram_hash: table_rows={table_rows} must lie in [1, {PRIME}]")
-    if not orders or min(orders) < 1 or heads < 1:
-        raise ValueError(f"ngram_hash: orders {tuple(orders)} must be positive and heads={heads} at least 1")
+    if not orders or min(orders) < 1 or len(set(orders)) < len(orders) or heads < 1:
+        raise ValueError(f"ngram_hash: orders {tuple(orders)} must be distinct and positive, heads={heads} at least 1")
 
 
 def ngram_hash(idx, orders, heads, table_rows, prefix=None):
@@ -72,9 +72,10 @@ def ngram_hash(idx, orders, heads, table_rows, prefix=None):
         h = s;  for each u_i: h = ((h XOR u_i) * a) mod PRIME;   row = h mod table_rows
 
     with (a, s) = hash_constants(n, j). Token ids must be below PRIME - 1, so that h XOR u < 2**31 and the
-    product stays below 2**62: int64 never overflows, and CPU and CUDA give the same rows. The XOR makes it
-    non-linear, so n-grams that differ by one in a token id do not land on neighbouring rows; the bias of
-    the final reduction is at most table_rows / PRIME.
+    product stays below 2**62: int64 never overflows, and CPU and CUDA give the same rows. Each token is
+    multiplied in after it is mixed, so n-grams one id apart land far apart, not on neighbouring rows; the
+    XOR makes the hash non-linear, so two n-grams that collide do not take their shifted copies with them as
+    a polynomial hash would. The bias of the final reduction is at most table_rows / PRIME.
 
     prefix: (B, max(orders) - 1) the tokens before idx[:, 0], the last one nearest, PAD where the sequence
     started later (incremental decoding); None: every position before the start is PAD.
@@ -135,6 +136,8 @@ class Engram(nn.Module):
         return sum(p.numel() for p in self.parameters()) + self.reads * self.emb_dim
 
     def flops_per_token(self):
+        """2 per multiply-add, as ProductKeyMemory counts: the row reads, the two projections, the gate's dot
+        product (the hash is integer work, the norms are left out as the memory layer's are)."""
         flops = 2 * self.reads * self.emb_dim  # the row reads (one weighted bag of 1 each)
         flops += 2 * 2 * self.reads * self.emb_dim * self.dim  # W_k and W_v
         return flops + 2 * self.dim  # the gate's dot product

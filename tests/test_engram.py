@@ -88,6 +88,8 @@ def test_hash_rejects_bad_sizes():
         ngram_hash(idx, (2, 3), 4, 2**31)
     with pytest.raises(ValueError, match="orders"):
         Engram(dim=8, table_rows=100, emb_dim=4, orders=(0, 2))
+    with pytest.raises(ValueError, match="distinct"):  # a repeated order would read the same rows twice
+        Engram(dim=8, table_rows=100, emb_dim=4, orders=(2, 2))
 
 
 def make_block(table_rows, dtype=torch.float64):
