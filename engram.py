@@ -27,6 +27,8 @@ import math
 import torch
 import torch.nn as nn
 
+from errors import need
+
 PRIME = 2**31 - 1  # the hash works modulo this Mersenne prime; rows are its residues mod table_rows
 PAD = -1  # the token id of positions before the sequence start (hashed as 0; real tokens hash as id + 1)
 _MASK64 = 2**64 - 1
@@ -77,17 +79,19 @@ def ngram_hash(idx, orders, heads, table_rows, prefix=None):
     XOR makes the hash non-linear, so two n-grams that collide do not take their shifted copies with them as
     a polynomial hash would. The bias of the final reduction is at most table_rows / PRIME.
 
-    prefix: (B, max(orders) - 1) the tokens before idx[:, 0], the last one nearest, PAD where the sequence
-    started later (incremental decoding); None: every position before the start is PAD.
+    prefix: (B, P) the tokens before idx[:, 0] in the sequence, the last one nearest (incremental decoding);
+    its last max(orders) - 1 are used, and positions before it are PAD. None: every position before the start
+    is PAD.
     """
     check_sizes(orders, heads, table_rows)
     B, T = idx.shape
     context = max(orders) - 1
-    if prefix is None:
-        prefix = idx.new_full((B, context), PAD)
-    elif prefix.shape != (B, context):
-        raise ValueError(f"ngram_hash: prefix {tuple(prefix.shape)} must be (batch, max(orders) - 1) = {(B, context)}")
-    u = torch.cat([prefix.long(), idx.long()], dim=1) + 1  # (B, context + T): position t is u[:, context + t]
+    before = idx.new_full((B, context), PAD)
+    if prefix is not None:
+        if prefix.dim() != 2 or prefix.shape[0] != B:
+            raise ValueError(f"ngram_hash: prefix {tuple(prefix.shape)} must be (batch={B}, tokens)")
+        before = torch.cat([before, prefix.to(idx.dtype)], dim=1)[:, before.shape[1] + prefix.shape[1] - context:]
+    u = torch.cat([before.long(), idx.long()], dim=1) + 1  # (B, context + T): position t is u[:, context + t]
     multipliers, seeds = _constant_tensors(tuple(orders), heads, idx.device)
     rows = []
     for o, n in enumerate(orders):
@@ -104,18 +108,34 @@ class Engram(nn.Module):
 
     out_std: init std of W_v, which writes into the residual stream (the model scales it with depth).
     """
+    reads = ("values", "idx", "prefix")  # its own table, the token ids, those before them (model.py's FFN_KINDS)
+    share_table = False  # a table per Engram layer, as in the paper
 
     def __init__(self, dim, table_rows, emb_dim, orders=(2, 3), heads=4, out_std=0.02):
         super().__init__()
         self.dim, self.table_rows, self.emb_dim = dim, table_rows, emb_dim
         self.orders, self.heads, self.out_std = tuple(orders), heads, out_std
-        self.reads = len(self.orders) * heads  # rows a token reads
+        self.rows_per_token = len(self.orders) * heads  # rows a token reads
         check_sizes(self.orders, heads, table_rows)
-        self.w_k = nn.Linear(self.reads * emb_dim, dim, bias=False)
-        self.w_v = nn.Linear(self.reads * emb_dim, dim, bias=False)
+        self.w_k = nn.Linear(self.rows_per_token * emb_dim, dim, bias=False)
+        self.w_v = nn.Linear(self.rows_per_token * emb_dim, dim, bias=False)
         self.norm_h = nn.RMSNorm(dim, eps=1e-5)
         self.norm_k = nn.RMSNorm(dim, eps=1e-5)
         self.reset_parameters()
+
+    @classmethod
+    def from_config(cls, c):
+        """The Engram block of a GPTConfig (its engram_* settings), W_v scaled with depth."""
+        return cls(c.n_embd, c.engram_rows, c.engram_dim, c.engram_orders, c.engram_heads, out_std=c.residual_std)
+
+    @staticmethod
+    def check_config(c):
+        for name in ("engram_rows", "engram_dim", "engram_heads"):
+            need(getattr(c, name) > 0, f"{name} must be positive, got {getattr(c, name)}")
+        need(c.engram_rows <= PRIME, f"engram_rows={c.engram_rows} must be at most {PRIME} (the hash's modulus)")
+        orders = c.engram_orders
+        need(len(orders) > 0 and all(isinstance(n, int) and n >= 1 for n in orders) and len(set(orders)) == len(orders),
+             f"engram_orders={orders} must be distinct positive n-gram lengths, e.g. (2, 3)")
 
     def reset_parameters(self):
         """W_k N(0, 0.02) like the model's dense weights (its output is RMS-normalised, so its scale only sets
@@ -133,13 +153,13 @@ class Engram(nn.Module):
 
     def active_params(self):
         """Own parameters plus the table rows a token reads."""
-        return sum(p.numel() for p in self.parameters()) + self.reads * self.emb_dim
+        return sum(p.numel() for p in self.parameters()) + self.rows_per_token * self.emb_dim
 
     def flops_per_token(self):
         """2 per multiply-add, as ProductKeyMemory counts: the row reads, the two projections, the gate's dot
         product (the hash is integer work, the norms are left out as the memory layer's are)."""
-        flops = 2 * self.reads * self.emb_dim  # the row reads (one weighted bag of 1 each)
-        flops += 2 * 2 * self.reads * self.emb_dim * self.dim  # W_k and W_v
+        flops = 2 * self.rows_per_token * self.emb_dim  # the row reads (one weighted bag of 1 each)
+        flops += 2 * 2 * self.rows_per_token * self.emb_dim * self.dim  # W_k and W_v
         return flops + 2 * self.dim  # the gate's dot product
 
     def forward(self, x, values, idx, prefix=None):
@@ -152,7 +172,7 @@ class Engram(nn.Module):
         indices = ngram_hash(idx, self.orders, self.heads, self.table_rows, prefix).view(-1, 1).int()
         weights = torch.ones(indices.shape, device=x.device)
         values.record_usage(indices, weights)
-        e = values(indices, weights).view(B, T, self.reads * self.emb_dim).to(x.dtype)  # each row read alone
+        e = values(indices, weights).view(B, T, self.rows_per_token * self.emb_dim).to(x.dtype)  # each row read alone
         k, v = self.w_k(e), self.w_v(e)
         dtype = torch.promote_types(x.dtype, torch.float32)  # the gate in fp32 (or fp64 for checks)
         score = (self.norm_h(x.to(dtype)) * self.norm_k(k.to(dtype))).sum(-1, keepdim=True)

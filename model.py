@@ -17,6 +17,7 @@ from errors import need
 from memory import ProductKeyMemory, ValueTable
 from moe import MoE
 from peer import PEER
+from engram import Engram
 
 # The feed-forward kinds: the GPTConfig field listing a kind's 0-based layers, and its block class. Every
 # other layer holds a dense SwiGLU. A block class (docs/method.md, "Adding a block") provides:
@@ -24,11 +25,12 @@ from peer import PEER
 #   check_config(config) a ConfigError (errors.need) for any of those fields that cannot work
 #   reads                what forward takes besides x, by name: "values" (the layer's ValueTable, made by the
 #                        model from the block's table_shape(), shared by every layer of the kind when its
-#                        share_table is true) and "idx" (the token ids at x's positions, (B, T))
+#                        share_table is true), "idx" (the token ids at x's positions, (B, T)) and "prefix"
+#                        (None, or when decoding with a KV cache the window's tokens before idx, (B, P))
 #   forward(x, **reads)  x (B, T, n_embd), normalised -> (B, T, n_embd), added to the residual stream
 #   reset_parameters(), active_params() (per token, rows read included), flops_per_token() (2 per multiply-add)
 #   and may provide aux_loss() (added to the training loss) and lora_targets (Linears finetune's LoRA adapts).
-FFN_KINDS = {"memory_layers": ProductKeyMemory, "moe_layers": MoE, "peer_layers": PEER}
+FFN_KINDS = {"memory_layers": ProductKeyMemory, "moe_layers": MoE, "peer_layers": PEER, "engram_layers": Engram}
 
 
 @dataclass
@@ -66,6 +68,12 @@ class GPTConfig:
     peer_heads: int = 8  # retrieval heads
     peer_knn: int = 16  # experts per head
     peer_k_dim: int = 0  # query size per head; 0: n_embd // 2
+    # Engram layers (engram.py): the suffix n-grams of the token ids hashed into a table of engram_rows rows
+    engram_layers: tuple = ()  # 0-based layers whose FFN is an Engram block
+    engram_rows: int = 65536  # rows of each Engram layer's table
+    engram_dim: int = 32  # width of a row
+    engram_orders: tuple = (2, 3)  # n-gram lengths hashed at each position
+    engram_heads: int = 4  # hashes per n-gram length (rows read per token: len(engram_orders) * engram_heads)
 
     def __post_init__(self):
         for field in FFN_KINDS:
@@ -245,11 +253,12 @@ class GPT(nn.Module):
             nn.init.normal_(block.attn.proj.weight, std=self.config.residual_std)
             block.ffn.reset_parameters()
 
-    def forward(self, idx, targets=None, caches=None, start=0):
+    def forward(self, idx, targets=None, caches=None, start=0, prefix=None):
         """idx (B, T) token ids -> logits (B, T, vocab) and the mean cross-entropy when targets are given,
-        plus the MoE auxiliary losses in training mode.
+        plus the blocks' auxiliary losses in training mode.
 
-        caches/start: per-layer KVCache and the position of idx[:, 0], for incremental generation.
+        caches/start: per-layer KVCache and the position of idx[:, 0], for incremental generation; prefix: the
+        window's tokens before idx then, for the blocks that read token ids (FFN_KINDS).
         """
         T = idx.shape[1]
         if start + T > self.config.block_size:
@@ -257,7 +266,8 @@ class GPT(nn.Module):
         cos, sin = self.rotary(start, T)
         x = self.tok_emb(idx)
         for i, block in enumerate(self.blocks):
-            inputs = {"idx": idx, "values": self.values[self.table_of_layer[i]] if i in self.table_of_layer else None}
+            inputs = {"idx": idx, "prefix": prefix,
+                      "values": self.values[self.table_of_layer[i]] if i in self.table_of_layer else None}
             x = block(x, cos, sin, inputs, caches[i] if caches else None, start)
         logits = self.lm_head(self.norm(x))
         loss = None
@@ -298,7 +308,7 @@ class GPT(nn.Module):
                     logits, _ = self(context, caches=caches, start=0)
                     pos = context.shape[1]
                 else:
-                    logits, _ = self(idx[:, -1:], caches=caches, start=pos)
+                    logits, _ = self(idx[:, -1:], caches=caches, start=pos, prefix=idx[:, -pos - 1:-1])
                     pos += 1
             idx = torch.cat([idx, sample_next(logits[:, -1, :].float(), temperature, top_k)], dim=1)
         return idx

@@ -24,9 +24,10 @@ def reference_splitmix64(x):
 
 
 def reference_rows(tokens, orders, heads, table_rows, prefix=None):
-    """The documented hash, one n-gram at a time in Python ints: tokens a list of ids, prefix the
-    max(orders) - 1 before them (-1 for none) -> [position][order-major (order, head)] rows."""
-    before = list(prefix) if prefix is not None else [-1] * (max(orders) - 1)
+    """The documented hash, one n-gram at a time in Python ints: tokens a list of ids, prefix the ids before
+    them (any number; -1 before those) -> [position][order-major (order, head)] rows."""
+    context = max(orders) - 1
+    before = ([-1] * context + list(prefix or []))[-context:] if context else []
     seq = before + list(tokens)
     out = []
     for t in range(len(before), len(seq)):
@@ -63,15 +64,14 @@ def test_reference_splitmix64_is_the_published_one():
 
 
 @pytest.mark.parametrize("orders,heads,table_rows", [((2, 3), 4, 97), ((1, 2, 4), 3, 1000), ((3,), 1, 2**31 - 1)])
-@pytest.mark.parametrize("with_prefix", [False, True])
-def test_hash_matches_brute_force_loop(orders, heads, table_rows, with_prefix):
+@pytest.mark.parametrize("prefix_length", [None, 1, "context", 7])
+def test_hash_matches_brute_force_loop(orders, heads, table_rows, prefix_length):
     torch.manual_seed(0)
     B, T, context = 3, 6, max(orders) - 1
     idx = torch.randint(0, 50_000, (B, T))
     prefix = None
-    if with_prefix:  # the first row starts inside the prefix: a PAD before real tokens
-        prefix = torch.randint(0, 50_000, (B, context))
-        prefix[0, 0] = -1
+    if prefix_length is not None:  # shorter than the n-grams reach (PAD before it), exact, or longer
+        prefix = torch.randint(0, 50_000, (B, context if prefix_length == "context" else prefix_length))
     rows = ngram_hash(idx, orders, heads, table_rows, prefix)
     assert rows.dtype == torch.int64 and rows.shape == (B, T, len(orders) * heads)
     for b in range(B):
@@ -83,7 +83,7 @@ def test_hash_matches_brute_force_loop(orders, heads, table_rows, with_prefix):
 def test_hash_rejects_bad_sizes():
     idx = torch.zeros(2, 3, dtype=torch.long)
     with pytest.raises(ValueError, match="prefix"):
-        ngram_hash(idx, (2, 3), 4, 100, prefix=torch.zeros(2, 1, dtype=torch.long))
+        ngram_hash(idx, (2, 3), 4, 100, prefix=torch.zeros(3, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="table_rows"):
         ngram_hash(idx, (2, 3), 4, 2**31)
     with pytest.raises(ValueError, match="orders"):
@@ -200,3 +200,56 @@ def test_parameter_and_flop_counts_match_hand_counts():
     assert engram.table_shape() == (100, emb)
     assert engram.active_params() == 2 * reads * emb * dim + 2 * dim + reads * emb
     assert engram.flops_per_token() == 2 * reads * emb + 2 * 2 * reads * emb * dim + 2 * dim
+
+
+def engram_gpt(**over):
+    from model import GPT, GPTConfig
+    config = dict(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=32, engram_layers=(1,),
+                  engram_rows=997, engram_dim=8, engram_orders=(2, 3), engram_heads=2)
+    return GPT(GPTConfig(**{**config, **over}))
+
+
+def test_cached_decoding_reads_the_rows_of_the_full_sequence():
+    """Token by token with the KV cache, the model's Engram layer hashes the n-grams the full sequence has
+    (GPT.forward's prefix): the logits equal the full forward's. Without the prefix they would not."""
+    from model import KVCache
+    torch.manual_seed(0)
+    model = engram_gpt().eval()
+    torch.nn.init.normal_(model.blocks[1].ffn.w_v.weight, std=1.0)  # make the block's read count
+    idx = torch.randint(0, 50, (2, 12))
+    full, _ = model(idx)
+
+    def decoded(with_prefix):
+        caches = [KVCache(2, 2, 16, 16, "cpu", torch.float32) for _ in model.blocks]
+        logits = [model(idx[:, :6], caches=caches)[0]]
+        for pos in range(6, 12):
+            prefix = idx[:, :pos] if with_prefix else None
+            logits.append(model(idx[:, pos:pos + 1], caches=caches, start=pos, prefix=prefix)[0])
+        return torch.cat(logits, dim=1)
+
+    torch.testing.assert_close(decoded(True), full, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(decoded(False), full, atol=1e-3)
+    model.generate(idx[:, :4], 4, temperature=0)  # the generation loop passes its prefix
+
+
+def test_an_engram_model_learns_what_follows_each_pair_of_tokens():
+    """A sequence where each token is a fixed function of the two before it: a model whose only feed-forward
+    block is Engram (2-grams hashed) learns it; its loss falls far below the first step's."""
+    torch.manual_seed(0)
+    rule = torch.randint(0, 50, (50, 50))
+    seqs = torch.randint(0, 50, (256, 17))
+    for t in range(2, 17):
+        seqs[:, t] = rule[seqs[:, t - 2], seqs[:, t - 1]]
+    model = engram_gpt(n_layer=1, engram_layers=(0,), engram_orders=(2,), engram_rows=4093, engram_dim=16)
+    optimizer = torch.optim.AdamW(model.optimizer_groups(0.0, 1e-2, 1e-1))
+    losses = []
+    for step in range(150):
+        batch = seqs[torch.randint(0, 256, (32,))]
+        for table in model.values:
+            table.zero_grad()
+        loss = model(batch[:, :-1], batch[:, 1:])[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    assert losses[0] > 3.5 and sum(losses[-10:]) / 10 < 1.0, (losses[0], losses[-10:])
