@@ -22,3 +22,7 @@ peer_n_keys = 724  # 524k experts of width 128: about the largest memory's 134M 
 peer_heads = 2
 peer_knn = 16
 peer_k_dim = 32
+# Engram (configs/capacity_engram.py): 8 rows of width 56 read per token and 2,396,601 rows, about the largest
+# memory's parameters (135.1M) and FLOPs per token (1.905M against 1.904M)
+engram_dim = 56
+engram_rows = 2396601

@@ -215,7 +215,7 @@ def test_compare_bad_input_is_a_one_line_error(args, message, tmp_path):
 def test_capacity_suite_sizes_what_it_promises(preset):
     """The memory sweep at about the dense model's FLOPs with parameters growing with the table; dense 2x
     and 4x at those multiples; the MoE with the fewest experts whose parameters exceed the largest memory's;
-    PEER about as large. Sizes are recomputed here from the runs' own config files and overrides, on the
+    PEER about as large, Engram as large at the same FLOPs. Sizes are recomputed here from the runs' own config files and overrides, on the
     meta device."""
     from config import gpt_config, load_config
     from tools.sizing import costs
@@ -226,7 +226,7 @@ def test_capacity_suite_sizes_what_it_promises(preset):
 
     runs = {r.name: r for r in bench_facts.PRESETS[preset][0](500)}
     memory = [name for name in runs if name.startswith("memplus_")]
-    assert list(runs) == ["dense", "dense2x", "dense4x", *memory, "moe", "peer"] and len(memory) == 4
+    assert list(runs) == ["dense", "dense2x", "dense4x", *memory, "moe", "engram", "peer"] and len(memory) == 4
     dense, sweep = sized(runs["dense"]), [sized(runs[name]) for name in memory]
     assert all(0.85 * dense["flops"] < m["flops"] <= 1.05 * dense["flops"] for m in sweep)
     assert [m["total"] for m in sweep] == sorted(m["total"] for m in sweep) and sweep[-1]["total"] > 40 * dense["total"]
@@ -236,6 +236,24 @@ def test_capacity_suite_sizes_what_it_promises(preset):
     assert moe["total"] > sweep[-1]["total"] >= sized(runs["moe"], f"--moe_num_experts={experts - 1}")["total"]
     assert moe["flops"] < 1.3 * dense["flops"]
     assert sized(runs["peer"])["total"] == pytest.approx(sweep[-1]["total"], rel=0.1)
+    engram = sized(runs["engram"])
+    assert engram["total"] == pytest.approx(sweep[-1]["total"], rel=1e-3)
+    assert engram["flops"] == pytest.approx(sweep[-1]["flops"], rel=0.01)
+
+
+def test_split_suite_divides_the_largest_memory_between_memory_and_engram():
+    """Every split at the parameters of the capacity preset's largest Memory+ (the 0% run), Memory+ in the
+    second layer and Engram in the first; FLOPs within the first layer's block of each other."""
+    from config import load_config
+    runs = bench_facts.PRESETS["split"][0](500)
+    assert [r.share for r in runs] == [0, 25, 50, 75, 100]
+    settings = [load_config([bench_facts.config_path(c) for c in r.configs] + list(r.overrides)) for r in runs]
+    assert [(s["memory_layers"], s["engram_layers"]) for s in settings] == [((1,), ())] + [((1,), (0,))] * 3 + [((), (0,))]
+    sparse = [(s["mem_n_keys"] ** 2 * s["n_embd"] if s["memory_layers"] else 0) +
+              (s["engram_rows"] * s["engram_dim"] if s["engram_layers"] else 0) for s in settings]
+    assert all(b == pytest.approx(sparse[0], rel=0.01) for b in sparse)
+    engram_part = [s["engram_rows"] * s["engram_dim"] / sparse[0] if s["engram_layers"] else 0 for s in settings]
+    assert engram_part == pytest.approx([0, 0.25, 0.5, 0.75, 1.0], abs=0.01)
 
 
 def test_headline_counts_rises_spreads_and_seeds():
@@ -288,3 +306,16 @@ def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tm
     result = subprocess.run(report, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and result.stderr.count("\n") == 1
     assert result.stderr.startswith(f"error: {log} is not a finished run")
+
+
+def test_headline_compares_engram_and_names_the_best_split():
+    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a, "facts_nll": n}
+            for m, accs, n in (("memplus_64k", (0.8, 0.9), 1.0), ("engram", (0.2, 0.3), 2.0),
+                               ("engram_0pct", (0.8, 0.8), 1.0), ("engram_25pct", (0.9, 0.7), 1.5),
+                               ("engram_100pct", (0.1, 0.1), 3.0))
+            for s, a in enumerate(accs, 1)]
+    text = bench_facts.headline(rows)
+    assert "Engram at about the parameters and FLOPs of Memory+ (memplus_64k): fact accuracy 25.0% ± 5.0% " \
+           "against 85.0% ± 5.0%, answer NLL 2.000 against 1.000" in text
+    assert "0% 80.0% ± 0.0% (NLL 1.000), 25% 80.0% ± 10.0% (NLL 1.500), 100% 10.0% ± 0.0% (NLL 3.000); " \
+           "the most facts at 0%" in text

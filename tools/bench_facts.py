@@ -61,9 +61,10 @@ class Run:
     overrides: tuple = ()
     repeated: bool = True  # trained with every seed, or with the first only
     series: str = ""  # runs of one series are drawn as a line through their means, the rest as points
+    share: int = None  # the split preset: the percent of the sparse parameters given to Engram (the plot's x)
 
 
-QUICK_MODELS = ("dense", "dense2x", "dense4x", "memory", "memplus", "moe", "peer")  # configs/facts_<model>.py
+QUICK_MODELS = ("dense", "dense2x", "dense4x", "memory", "memplus", "moe", "peer", "engram")  # configs/facts_<model>.py
 COLUMNS = (("model", "model"), ("seed", "seed"), ("params", "params"), ("active params", "active_params"),
            ("FLOPs/token", "flops_per_token"), ("tokens", "tokens"), ("acc at half", "facts_acc_half"),
            ("fact acc", "facts_acc"), ("held-out acc", "facts_acc_heldout"), ("answer NLL", "facts_nll"),
@@ -81,28 +82,58 @@ def values_label(n_keys):
     return f"{values // 2**20}M" if values >= 2**20 else f"{values // 2**10}k"
 
 
+def capacity_configs(*own, scale=()):
+    """The config files of a capacity run: the preset's base, the model's own files, then the scale's."""
+    return ("facts_common", "capacity_common", *own, *scale)
+
+
+def sized(files, vocab_size, *args):
+    """The GPTConfig of config files (names under configs/) and train.py overrides."""
+    return gpt_config(load_config([config_path(f) for f in files] + list(args)), vocab_size)
+
+
 def capacity_suite(vocab_size, keys, scale=()):
     """Memory+ at every mem_n_keys of keys on the small dense model of configs/capacity_common.py; that dense
     model and its 2x and 4x widenings (sizing.dense_baseline); the MoE matched to the largest memory
-    (sizing.moe_baseline); PEER (configs/capacity_peer.py) with the first seed only. scale: config files
-    applied last to every run (a larger base model, its data and budget)."""
+    (sizing.moe_baseline); Engram (configs/capacity_engram.py, about that memory's parameters and FLOPs);
+    PEER (configs/capacity_peer.py) with the first seed only. scale: config files applied last to every run
+    (a larger base model, its data and budget)."""
     def configs(*own):
-        return ("facts_common", "capacity_common", *own, *scale)
-
-    def sized(files, *args):
-        return gpt_config(load_config([config_path(f) for f in files] + list(args)), vocab_size)
+        return capacity_configs(*own, scale=scale)
 
     def changed(base, other):
         return tuple(shlex.split(overrides(base, other)))
 
-    dense = sized(configs())
-    largest = sized(configs("capacity_memplus"), f"--mem_n_keys={keys[-1]}")
+    dense = sized(configs(), vocab_size)
+    largest = sized(configs("capacity_memplus"), vocab_size, f"--mem_n_keys={keys[-1]}")
     return ([Run("dense", configs(), series="dense")] +
             [Run(f"dense{f}x", configs(), changed(dense, dense_baseline(dense, f)), series="dense") for f in (2, 4)] +
             [Run(f"memplus_{values_label(n)}", configs("capacity_memplus"), (f"--mem_n_keys={n}",), series="memplus")
              for n in keys] +
             [Run("moe", configs(), tuple(a for a in changed(dense, moe_baseline(largest)) if a.startswith("--moe_"))),
+             Run("engram", configs("capacity_engram")),
              Run("peer", configs("capacity_peer"), repeated=False)])
+
+
+def split_suite(vocab_size, keys=256, shares=(0, 25, 50, 75, 100)):
+    """The sparse parameters of the capacity preset's largest Memory+ (its value table, keys**2 rows) divided
+    between Memory+ in the second layer and Engram (configs/capacity_engram.py's rows) in the first, each
+    share the percent given to Engram: 0 is that Memory+ alone, 100 Engram alone in the first layer. Total
+    parameters stay equal; FLOPs differ by the first layer's block (the dense FFN where Engram has no share)."""
+    memplus = sized(capacity_configs("capacity_memplus"), vocab_size, f"--mem_n_keys={keys}")
+    engram = sized(capacity_configs("capacity_engram"), vocab_size)
+    budget = keys ** 2 * memplus.mem_v_dim
+    runs = []
+    for share in shares:
+        own, args = (), ()
+        if share < 100:
+            own += ("capacity_memplus",)
+            args += (f"--mem_n_keys={round(((100 - share) / 100 * budget / memplus.mem_v_dim) ** 0.5)}",)
+        if share > 0:
+            own += ("capacity_engram",)
+            args += ("--engram_layers=(0,)", f"--engram_rows={round(share / 100 * budget / engram.engram_dim)}")
+        runs.append(Run(f"engram_{share}pct", capacity_configs(*own), args, series="split", share=share))
+    return runs
 
 
 CAPACITY_KEYS = (32, 64, 128, 256)  # mem_n_keys of the CPU sweep: 1k to 64k values
@@ -110,6 +141,8 @@ PRESETS = {  # name: (the suite for a vocabulary size, people in the knowledge b
     "quick": (quick_suite, DEFAULT_ENTITIES, 2),
     # its dense model recalls 97% of 500 people's facts, 27% of 1000's and 8% of 2000's in 3000 iterations
     "capacity": (partial(capacity_suite, keys=CAPACITY_KEYS), 1000, 3),
+    # the largest Memory+'s sparse parameters split between Memory+ and Engram, on the capacity preset
+    "split": (partial(split_suite, keys=CAPACITY_KEYS[-1]), 1000, 3),
     # configs/capacity_gpu.py: the same suite at 4 layers of width 128, 16k to 1M values (one GPU)
     "capacity-gpu": (partial(capacity_suite, keys=(128, 256, 512, 1024), scale=("capacity_gpu",)), 8000, 3),
 }
@@ -226,6 +259,16 @@ def headline(rows):
         lines.append(f"- Memory+ ({memory}) fact accuracy {spread(acc[memory])} against {spread(acc['moe'])} for the MoE "
                      f"matched in FLOPs and parameters; higher at {sum(a > b for a, b in seeds)} of {len(seeds)} seeds "
                      "(target: every seed)")
+    if memory in acc and "engram" in acc:
+        lines.append(f"- Engram at about the parameters and FLOPs of Memory+ ({memory}): fact accuracy "
+                     f"{spread(acc['engram'])} against {spread(acc[memory])}, answer NLL {mean(nll['engram']):.3f} "
+                     f"against {mean(nll[memory]):.3f}")
+    split = [m for m in acc if m.startswith("engram_") and m.endswith("pct")]
+    if split:
+        best = max(split, key=lambda m: mean(acc[m]))
+        lines.append("- Sparse parameters given to Engram, the rest to Memory+: " +
+                     ", ".join(f"{m[7:-3]}% {spread(acc[m])} (NLL {mean(nll[m]):.3f})" for m in split) +
+                     f"; the most facts at {best[7:-3]}%")
     half = by_model(rows, "facts_acc_half")
     if memory in acc and "dense" in acc:
         lines.append(f"- Gained in the second half of training (fact accuracy points, mean over seeds): dense "
@@ -247,11 +290,14 @@ def pyplot():
 
 def plot_facts(rows, runs, path):
     """Fact accuracy and answer NLL against total parameters (the means of each series as a line, seeds as
-    bars), and fact accuracy against tokens seen (mean over seeds); False without matplotlib."""
+    bars), or against Engram's share of them for the split preset, and fact accuracy against tokens seen
+    (mean over seeds); False without matplotlib."""
     plt = pyplot()
     if plt is None:
         return False
     series = {r.name: r.series for r in runs}
+    shares = {r.name: r.share for r in runs}
+    by_share = all(s is not None for s in shares.values())
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = iter(plt.rcParams["axes.prop_cycle"].by_key()["color"])
     groups = {}  # a line per series, a point per model outside one
@@ -260,7 +306,8 @@ def plot_facts(rows, runs, path):
     for label, models in groups.items():
         color = next(colors)
         for ax, key in ((axes[0], "facts_acc"), (axes[1], "facts_nll")):
-            points = [(by_model(rows, "params")[m][0], by_model(rows, key)[m]) for m in models]
+            points = [(shares[m] if by_share else by_model(rows, "params")[m][0], by_model(rows, key)[m])
+                      for m in models]
             x, ys = zip(*points)
             ax.errorbar(x, [mean(y) for y in ys], yerr=[[mean(y) - min(y) for y in ys], [max(y) - mean(y) for y in ys]],
                         marker="o", capsize=3, color=color, label=label, linestyle="-" if len(models) > 1 else "none")
@@ -268,7 +315,8 @@ def plot_facts(rows, runs, path):
             curves = by_model(rows, "curve")[m]
             axes[2].plot([t for t, _ in curves[0]], [mean([c[i][1] for c in curves]) for i in range(len(curves[0]))],
                          color=color, linestyle=style, label=m)
-    titles = ("recall against parameters (mean, bars: seed range)", "answer NLL against parameters",
+    against = "Engram's share of the sparse parameters" if by_share else "parameters"
+    titles = (f"recall against {against} (mean, bars: seed range)", f"answer NLL against {against}",
               "recall during training (mean over seeds)")
     for ax, ylabel, title in zip(axes, ("fact accuracy (greedy exact match)", "answer NLL per token", "fact accuracy"),
                                  titles):
@@ -276,8 +324,8 @@ def plot_facts(rows, runs, path):
         ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
     for ax in axes[:2]:
-        ax.set_xscale("log")
-        ax.set_xlabel("total parameters")
+        ax.set_xscale("linear" if by_share else "log")
+        ax.set_xlabel("percent of the sparse parameters in Engram" if by_share else "total parameters")
     axes[2].set_xlabel("tokens seen")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7, ncol=2)
@@ -345,9 +393,11 @@ def add_command(commands):
     f = commands.add_parser("facts", help="the factual-recall comparison: every model of a preset at one budget")
     f.add_argument("--preset", choices=sorted(PRESETS), default="quick",
                    help="quick: configs/facts_<model>.py (the default); capacity: the memory-size sweep on a knowledge "
-                        "base larger than the small dense model holds; capacity-gpu: that sweep at a GPU's scale")
+                        "base larger than the small dense model holds; capacity-gpu: that sweep at a GPU's scale; "
+                        "split: the largest Memory+'s sparse parameters split between Memory+ and Engram")
     f.add_argument("--models", help=f"comma-separated subset of the preset's models (quick: {','.join(QUICK_MODELS)}; "
-                                    f"capacity: dense,dense2x,dense4x,memplus_1k,memplus_4k,memplus_16k,memplus_64k,moe,peer)")
+                                    f"capacity: dense,dense2x,dense4x,memplus_1k,memplus_4k,memplus_16k,memplus_64k,moe,engram,peer; split: "
+                                    f"engram_0pct,engram_25pct,engram_50pct,engram_75pct,engram_100pct)")
     f.add_argument("--seeds", type=int, help="seeds of the repeated models, the others get one (default: quick 2, "
                                               "capacity 3)")
     f.add_argument("--entities", type=int, help="people in the knowledge base (default: the preset's)")
