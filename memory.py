@@ -115,6 +115,27 @@ class ValueTable(nn.Module):
         super().zero_grad(set_to_none)
         self._grad_buffer(make=True)
 
+    @torch.no_grad()
+    def keep_grad_rows(self, rows):
+        """Restrict the gradient to `rows` (1-D indices): every other row's is zeroed, or dropped from row
+        gradients. Returns the share of the gradient's norm kept, or None when there is no gradient."""
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        keep = torch.zeros(len(grad), dtype=torch.bool, device=grad.device)
+        keep[rows] = True
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            mine = keep[grad.indices()[0]]
+            total, kept = grad.values().norm(), grad.values()[mine].norm()
+            self.weight.grad = torch.sparse_coo_tensor(grad.indices()[:, mine], grad.values()[mine], grad.shape,
+                                                       is_coalesced=True, check_invariants=False)
+        else:
+            total = grad.norm()
+            grad.masked_fill_(~keep.unsqueeze(1), 0)
+            kept = grad.norm()
+        return kept / total.clamp(min=1e-30)
+
     def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
         self._copy = None
 

@@ -296,6 +296,37 @@ def test_copied_tables_keep_their_gradient_hook():
                 assert grad.layout == torch.strided and clone._grad is grad
 
 
+@pytest.mark.parametrize("rows", [False, True], ids=["dense", "sparse-rows"])
+def test_keep_grad_rows_leaves_the_masked_gradient(rows):
+    """keep_grad_rows, under a dense optimizer and under RowAdamW: what is left is F.embedding_bag's gradient
+    with every other row zeroed (row gradients: the other rows dropped, not stored as zeros), the dense
+    buffer masked in place; it returns the kept share of the gradient's norm (None without a gradient)."""
+    torch.manual_seed(16)
+    values = ValueTable(40, 6)
+    if rows:
+        RowAdamW(values.parameters(), compile=False)
+    assert values.keep_grad_rows(torch.tensor([1])) is None
+    reads = [(torch.randint(0, 30, (5, 4)), torch.rand(5, 4)) for _ in range(2)]  # rows 30-39 never read
+    grads = [torch.randn(5, 6) for _ in reads]
+    sum((values(*read) * grad).sum() for read, grad in zip(reads, grads)).backward()
+    before = values.weight.grad
+    read = torch.cat([i.flatten() for i, _ in reads]).unique()
+    kept = torch.cat([read[::2], torch.tensor([35])])
+    full = dense_reference_grad(values.weight, reads, grads)
+    mask = torch.zeros(40, 1, dtype=torch.bool)
+    mask[kept] = True
+    want = full * mask
+    share = values.keep_grad_rows(kept)
+    grad = values.weight.grad
+    if rows:
+        assert grad.is_sparse and grad.is_coalesced() and torch.equal(grad.indices()[0], read[::2])
+        grad = grad.to_dense()
+    else:
+        assert grad is before
+    torch.testing.assert_close(grad.double(), want)
+    torch.testing.assert_close(share.double(), want.norm() / full.norm())
+
+
 def test_reads_under_autocast_move_bf16_and_train_the_fp32_master(monkeypatch):
     """Under bf16 autocast every read of a step reads one bf16 copy of the table (2 bytes per element),
     returns bf16, and the fp32 weight gets an fp32 gradient equal to the fp32 computation's within bf16
