@@ -14,11 +14,12 @@ into one pass over the touched rows, so it is compiled by default.
 The optimizer decides the layout of a value table's gradient: RowAdamW marks the weights it updates
 (mark_row_grads; make_optimizers marks SGD's too when asked for row updates), and a memory.ValueTable
 gives a marked weight a sparse COO gradient of the rows read; every other weight gets a dense gradient.
-clip_grad_norm_ takes either layout.
+The helpers here that handle gradients (clip_grad_norm_, all_reduce_grads_) take either layout.
 """
 import warnings
 
 import torch
+import torch.distributed as dist
 
 
 def mark_row_grads(params):
@@ -147,3 +148,29 @@ def clip_grad_norm_(params, max_norm, group=None):
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
 
+
+def all_reduce_grads_(params, group):
+    """Sum params' gradients over the ranks of group, in place (a collective: every rank of group). Dense
+    gradients are all-reduced; row gradients are all-gathered, since each rank read its own rows."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = _gather_rows(p.grad, group)
+        elif p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def _gather_rows(grad, group):
+    """A sparse row gradient summed over group: every rank's rows, padded to the longest for the gather."""
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(group.size())]
+    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device), group=group)
+    longest = int(max(sizes))
+    gathered_rows = [rows.new_empty(longest) for _ in sizes]
+    gathered_values = [values.new_empty(longest, values.shape[1]) for _ in sizes]
+    dist.all_gather(gathered_rows, torch.cat([rows, rows.new_zeros(longest - len(rows))]), group=group)
+    dist.all_gather(gathered_values, torch.cat([values, values.new_zeros(longest - len(rows), values.shape[1])]),
+                    group=group)
+    rows = torch.cat([r[:int(n)] for r, n in zip(gathered_rows, sizes)])
+    values = torch.cat([v[:int(n)] for v, n in zip(gathered_values, sizes)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()
