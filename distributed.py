@@ -27,6 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from errors import ConfigError, UserError
 from memory import ValueTable
+from optim import all_reduce_grads_
 
 # torch 2.13 renamed the single-tensor collectives; older versions have only the old names
 all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -101,23 +102,6 @@ class ShardedValueTable(ValueTable):
         return ColumnsToTokens.apply(super().forward(indices, weights), self.group)  # this shard's columns
 
 
-def gather_rows(grad, group):
-    """A sparse row gradient summed over group: every rank's rows, padded to the longest for the gather."""
-    grad = grad.coalesce()
-    rows, values = grad.indices()[0], grad.values()
-    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(group.size())]
-    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device), group=group)
-    longest = int(max(sizes))
-    gathered_rows = [rows.new_empty(longest) for _ in sizes]
-    gathered_values = [values.new_empty(longest, values.shape[1]) for _ in sizes]
-    dist.all_gather(gathered_rows, torch.cat([rows, rows.new_zeros(longest - len(rows))]), group=group)
-    dist.all_gather(gathered_values, torch.cat([values, values.new_zeros(longest - len(rows), values.shape[1])]),
-                    group=group)
-    rows = torch.cat([r[:int(n)] for r, n in zip(gathered_rows, sizes)])
-    values = torch.cat([v[:int(n)] for v, n in zip(gathered_values, sizes)])
-    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()
-
-
 def value_state_ids(optimizer, model):
     """The state-dict ids of the value tables' parameters in optimizer, in table order (a state dict numbers
     the parameters of its groups in order)."""
@@ -166,19 +150,14 @@ class Parallel:
         return wrapped.no_sync() if isinstance(wrapped, DistributedDataParallel) and not last_micro_step else nullcontext()
 
     def average_value_grads(self, params):
-        """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank).
-
-        Dense gradients are all-reduced over the replicas; sparse row gradients (mem_sparse_update) are
-        all-gathered, since each replica touched its own rows.
-        """
+        """The tables' gradients made means over all ranks' losses, like DDP's (collective: every rank)."""
         if self.world == 1:
             return
-        for p in (p for p in params if p.grad is not None):  # a frozen table (finetune='lora') has none
+        grads = [p for p in params if p.grad is not None]  # a frozen table (finetune='lora') has none
+        for p in grads:
             p.grad.div_(self.world)
-            if self.replica_group is not None and p.grad.is_sparse:
-                p.grad = gather_rows(p.grad, self.replica_group)
-            elif self.replica_group is not None:
-                dist.all_reduce(p.grad, group=self.replica_group)
+        if self.replica_group is not None:
+            all_reduce_grads_(grads, self.replica_group)
 
     def mean(self, x):
         """x averaged over all ranks (collective: every rank)."""

@@ -26,11 +26,11 @@ How a training loop uses it (the caller builds the optimizer from what prepare r
               par.average_value_grads(...), smf.mask_gradients(), clipping, optimizer.step()
 
 Optimizers. "full" and "lora": any, e.g. AdamW on model.optimizer_groups (frozen parameters get no
-gradient, so AdamW skips them). "values": SGD or AdamW on the tables (RowAdamW with sparse_grad). "smf":
-masking zeroes (dense table gradient) or drops (sparse, ValueTable.sparse_grad) the other rows'
-gradients. train.py always gives smf sparse row gradients, and with them exactly the selected rows move,
-each bias-corrected by its own steps, under optim.RowAdamW (its weight decay touches only the rows it
-updates) or torch.optim.SGD without momentum. Under dense torch.optim.AdamW a row would keep moving on its
+gradient, so AdamW skips them). "values": SGD, AdamW or optim.RowAdamW on the tables. "smf":
+mask_gradients keeps only the selected rows' gradients (ValueTable.keep_grad_rows); then exactly the
+selected rows move under torch.optim.SGD without momentum, or under optim.RowAdamW, which bias-corrects
+each row by its own steps and decays only the rows it updates (train.py gives smf one of these two, with
+row updates: optim.make_optimizers). Under dense torch.optim.AdamW a row would keep moving on its
 moments after it leaves the selection, and a row first selected at step t would take a step of about
 sqrt(1 - beta2**t) / (1 - beta1**t) lr instead of lr. "values" and "smf" leave DDP nothing to average (the
 tables are not DDP's): do not wrap the model in DDP then.
@@ -158,7 +158,7 @@ class SparseMemoryFinetune:
 
     @torch.no_grad()
     def mask_gradients(self):
-        """Zero (dense) or drop (sparse) every other row's gradient; returns [selected rows per table]."""
+        """Restrict each table's gradient to its selected rows; returns [selected rows per table]."""
         self.selected, self.measures, self.before = [], [], []
         for table, counts, idf, changed in zip(self.tables, self.counter.take(self.reduce), self.idf, self.changed):
             rows = select_rows(counts, idf, self.rows).to(table.weight.device)
@@ -167,22 +167,9 @@ class SparseMemoryFinetune:
             measures = {"rows_read": (counts > 0).sum(), "read_mass": counts[rows].sum() / counts.sum().clamp(min=1)}
             self.before.append(table.weight[rows].clone())
             self.measures.append(measures)
-            grad = table.weight.grad
-            if grad is None:
-                continue
-            keep = torch.zeros(len(grad), dtype=torch.bool, device=grad.device)
-            keep[rows] = True
-            if grad.is_sparse:
-                grad = grad.coalesce()
-                mine = keep[grad.indices()[0]]
-                total, kept = grad.values().norm(), grad.values()[mine].norm()
-                table.weight.grad = torch.sparse_coo_tensor(grad.indices()[:, mine], grad.values()[mine], grad.shape,
-                                                            is_coalesced=True, check_invariants=False)
-            else:
-                total = grad.norm()
-                grad.masked_fill_(~keep.unsqueeze(1), 0)
-                kept = grad.norm()
-            measures["grad_share"] = kept / total.clamp(min=1e-30)
+            share = table.keep_grad_rows(rows)
+            if share is not None:
+                measures["grad_share"] = share
         return self.selected
 
     @torch.no_grad()

@@ -1,12 +1,12 @@
 """The embedding bag behind every memory read: out[t] = sum_j w[t, j] * weight[idx[t, j]].
 
 `embedding_bag` is the differentiable op; `embedding_bag_row_grad` gives the table gradient of only the
-rows a batch read, for sparse updates. Two backends sit behind one call:
+rows a batch read. Two backends sit behind one call:
 
 - "triton": our kernels (CUDA; on CPU only under Triton's interpreter, TRITON_INTERPRET=1 set before
   this module is imported). Masked tiles over dim (any dim), int64 addresses, fp32 accumulation.
 - "torch": PyTorch ops on any device. Its backward inverts token -> row once (a sort) and reuses
-  F.embedding_bag, whose CPU backward is otherwise about 10x its forward.
+  F.embedding_bag, whose CPU backward is otherwise many times slower than its forward.
 
 Table gradient strategies (`weight_grad`), both touching only the rows read:
 - "deterministic" (default): sort the (row, token-slot) pairs, then each row sums its contributors in
@@ -57,15 +57,15 @@ def embedding_bag(weight, indices, per_sample_weights, backend="auto", weight_gr
     table gradient is dense (N, dim), or with sparse_grad a sparse COO tensor of the rows read (on the CPU
     exactly those rows, coalesced; elsewhere and under torch.compile min(tokens * bag, N) rows, the rows read
     in ascending order then repeats of the last one with zero gradients, uncoalesced: counting the rows would
-    sync the host). read: a copy of weight in a narrower dtype to read instead (memory.ValueTable's under
-    autocast): the output is in read's dtype, weight's gradient in weight's dtype, accumulated in fp32 and
+    sync the host). read: a copy of weight in a narrower dtype to read instead (an fp32 master's copy under
+    autocast, say): the output is in read's dtype, weight's gradient in weight's dtype, accumulated in fp32 and
     never rounded to read's. grad_into: a contiguous dense tensor of weight's shape, dtype and device (not
     with sparse_grad): the backward adds weight's gradient into it in place, touching only the rows read, and
     autograd gets none for weight (its hooks still run; torch.autograd.grad finds none): many reads then share
-    one gradient, never an (N, dim) tensor each (memory.ValueTable's). backend: "auto" (Triton for CUDA
-    tensors when Triton is installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or
-    "atomic" (see the module docstring). The op and its backward are registered with torch.library, so
-    torch.compile keeps them in its graph.
+    one gradient, never an (N, dim) tensor each. backend: "auto" (Triton for CUDA tensors when Triton is
+    installed, PyTorch otherwise), "triton" or "torch". weight_grad: "deterministic" or "atomic" (see the
+    module docstring). The op and its backward are registered with torch.library, so torch.compile keeps
+    them in its graph.
     """
     table = weight if read is None else read
     if table.shape != weight.shape or table.device != weight.device:
@@ -254,7 +254,7 @@ class _Pairs(NamedTuple):
 
 def _sort_pairs(indices, per_sample_weights):
     """Invert token -> row with one stable sort ("reverse indices")."""
-    rows, order = torch.sort(indices.reshape(-1), stable=True)  # int32 sorts ~1.6x faster than int64
+    rows, order = torch.sort(indices.reshape(-1), stable=True)  # int32 sorts faster than int64
     return _Pairs(rows, order, order // indices.shape[1], per_sample_weights.reshape(-1)[order])
 
 
@@ -329,8 +329,8 @@ def _torch_pair_dots(table, indices, grad_out, pairs, row_offsets=None):
     """Per-sample weight gradient with PyTorch ops: dot(grad_out[t], table[indices[t, j]]).
 
     On CPU (fp32/fp64) a sampled matmul over the row-sorted pairs streams each touched row once and
-    never builds the (tokens, bag, dim) gather (measured 18 ms against 300 ms for gather + bmm at
-    4096 x 128 pairs, dim 256); other devices and dtypes gather, in chunks (_gathered_pair_dots).
+    never builds the (tokens, bag, dim) gather, which makes it much faster there than gather + bmm; other
+    devices and dtypes gather, in chunks (_gathered_pair_dots).
     row_offsets: _row_offsets(pairs, N) when the caller has them.
     """
     if table.device.type != "cpu" or table.dtype not in (torch.float32, torch.float64):

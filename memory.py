@@ -28,36 +28,27 @@ class ValueTable(nn.Module):
     `columns` (a slice of range(v_dim)) is the part of the table this module holds: all of it here, one
     shard per rank in distributed.ShardedValueTable.
 
-    Gradients: with sparse_grad (optim.RowAdamW), or when a read has fewer tokens * heads * knn pairs than
-    ROW_GRADS_BELOW of the N rows, a read's backward yields only the rows it read (fp32 accumulation), so
-    3 layers sharing the table make no (N, v_dim) tensor each. After each backward a hook on `weight` makes
-    of what autograd accumulated what the optimizer takes: with sparse_grad it coalesces the rows, each
-    once (on CUDA the rows come padded and are concatenated, so .grad would otherwise grow with layers x
-    micro-steps x reads; one host sync per backward); otherwise the gradient is dense.
-    Larger reads touch most rows, and their rows would outweigh a dense gradient: they add into one
-    (N, v_dim) buffer in weight's dtype, which the hook makes `weight.grad` and keeps for the run (the
-    first backward makes it, or the table's zero_grad). The first training read after the gradient was set
-    to None zeroes it (or copies in a .grad set by hand) and makes it .grad again; each read's backward adds
-    its rows into it in place. So a step has one dense gradient, zero-filled once, whatever the layers and
-    micro-steps, and no read makes an (N, v_dim) tensor of its own. A compiled step wants the table's
-    zero_grad() before it (train.py calls it before each step), which makes the buffer, zeroes it and makes
-    it .grad outside the graph: zeroed inside the compiled forward, Inductor would zero a second (N, v_dim)
-    tensor, keep it for the backward and copy it back, and a step without the buffer, then one with it,
-    would compile twice. It costs N * v_dim * 4 bytes for the run (3 GiB at 1M x 768), which the gradient
-    took during each backward anyway. torch.autograd.grad finds no table gradient through such reads (it is
-    in the buffer): use kernels.embedding_bag for that.
+    Gradients: the optimizer picks their layout (optim.mark_row_grads, which optim.RowAdamW applies to the
+    weights it updates). After a backward a marked weight's .grad is a coalesced sparse COO tensor of
+    exactly the rows read (summed over layers and micro-steps; coalescing costs one host sync per backward
+    on CUDA). Any other weight's .grad is dense: one (N, v_dim) buffer in weight's dtype, which every
+    training read's backward adds its rows into in place, so no read makes an (N, v_dim) tensor of its own.
+    The table keeps the buffer for the run (made by zero_grad, or the first backward's gradient); the first
+    training read after .grad was set to None zeroes it and makes it .grad again. A compiled step wants the
+    table's zero_grad() before it (train.py calls it before each step): zeroed inside the graph, Inductor
+    would zero and save a second (N, v_dim) tensor, and the step would compile twice. torch.autograd.grad
+    finds no table gradient through a dense read (it is in the buffer): use kernels.embedding_bag for that.
 
     Under autocast (bf16/fp16 on the weight's device) an fp32 table is read through a copy in the
     autocast dtype, so a read moves 2 bytes per value element (the forward, and the score gradient's
     re-read); `weight` stays the fp32 master that gets the gradient and the update. The copy costs
     N * v_dim * 2 bytes (1.5 GiB at 1M x 768) and one pass over the table (4 bytes read, 2 written per
-    element, about 1.5 ms on an H100 at 1M x 768) each time it is made: on the first read after a backward
-    (the optimizer is about to change the weight: so once per micro-step), a load_state_dict or
-    reset_parameters, a move, or (eager only: torch.compile cannot read tensor versions) an in-place edit.
+    element) each time it is made: on the first read after a backward (the optimizer is about to change
+    the weight: so once per micro-step), a load_state_dict or reset_parameters, a move, or (eager only:
+    torch.compile cannot read tensor versions) an in-place edit.
     """
 
     INIT_ROWS = 8192  # rows drawn at a time by reset_parameters
-    ROW_GRADS_BELOW = 0.25  # reads of fewer pairs than this fraction of the rows return their rows' gradient
 
     def __init__(self, num_values, v_dim, columns=None):
         super().__init__()
@@ -65,9 +56,8 @@ class ValueTable(nn.Module):
         self.columns = columns or slice(0, v_dim)
         self.weight = nn.Parameter(torch.empty(num_values, self.columns.stop - self.columns.start))
         self.usage = None  # while measuring: (num_values,) fp32, the summed weight each row was read with
-        self.sparse_grad = False  # True: gradients hold the rows read only (for optim.RowAdamW)
         self._copy = self._copy_version = None  # the autocast read copy and weight._version when made
-        self._grad = None  # the dense gradient that large reads add into, made by the first backward
+        self._grad = None  # the dense gradient buffer reads add into (see the class docstring)
         self._hook_weight()
         self.register_load_state_dict_post_hook(ValueTable._after_load)
         self.reset_parameters()
@@ -79,6 +69,11 @@ class ValueTable(nn.Module):
     def _hook_weight(self):
         self.weight.register_post_accumulate_grad_hook(self._after_backward)
 
+    @property
+    def row_grads(self):
+        """Whether the optimizer marked the weight for sparse row gradients (optim.mark_row_grads)."""
+        return getattr(self.weight, "row_grads", False)
+
     def _after_backward(self, weight):
         """The accumulated gradient as the optimizer takes it (see the class docstring)."""
         self._copy = None
@@ -86,13 +81,10 @@ class ValueTable(nn.Module):
         if grad is None or not grad.is_sparse:
             if self._grad is None and grad is not None and grad.is_contiguous():
                 self._grad = grad  # the first backward's dense gradient becomes the buffer
-            return
-        rows = grad._indices()[0]
-        if not self.sparse_grad:
-            weight.grad = self._grad = grad.to_dense()
-        elif rows.device.type == "cpu" and bool((rows[1:] > rows[:-1]).all()):  # CPU rows come sorted, each once:
-            weight.grad = torch.sparse_coo_tensor(  # autograd dropped the coalesced flag; coalesce() would copy
-                grad._indices(), grad._values(), grad.shape, is_coalesced=True, check_invariants=False)
+        elif grad.device.type == "cpu" and bool((grad._indices()[0].diff() > 0).all()):
+            # CPU rows come sorted, each once, but autograd dropped the coalesced flag (coalesce() would copy)
+            weight.grad = torch.sparse_coo_tensor(grad._indices(), grad._values(), grad.shape, is_coalesced=True,
+                                                  check_invariants=False)
         else:
             weight.grad = grad.coalesce()
 
@@ -102,10 +94,10 @@ class ValueTable(nn.Module):
         grad, weight = self._grad, self.weight
         if not (torch.is_grad_enabled() and weight.requires_grad):
             return None  # first, so that a compiled eval does not depend on the buffer (one graph before and after)
-        if grad is not None and (self.sparse_grad or (grad.shape, grad.dtype, grad.device)
+        if grad is not None and (self.row_grads or (grad.shape, grad.dtype, grad.device)
                                  != (weight.shape, weight.dtype, weight.device)):
-            self._grad = grad = None  # sparse now, or the weight moved: the next backward makes a new one
-        if grad is None and make and not self.sparse_grad:
+            self._grad = grad = None  # row gradients now, or the weight moved: the next backward makes a new one
+        if grad is None and make and not self.row_grads:
             self._grad = grad = torch.empty_like(weight, memory_format=torch.contiguous_format)
         if grad is None:
             return None
@@ -120,9 +112,30 @@ class ValueTable(nn.Module):
     def zero_grad(self, set_to_none=True):
         """Ready the gradient for the next step: the dense buffer (made here the first time) zeroed in place
         and made weight.grad, so that every compiled step finds it so and compiles once (see the class
-        docstring). A table with sparse_grad has no buffer: its gradient is set to None."""
+        docstring). A weight marked for row gradients has no buffer: its gradient is set to None."""
         super().zero_grad(set_to_none)
         self._grad_buffer(make=True)
+
+    @torch.no_grad()
+    def keep_grad_rows(self, rows):
+        """Restrict the gradient to `rows` (1-D indices): every other row's is zeroed, or dropped from row
+        gradients. Returns the share of the gradient's norm kept, or None when there is no gradient."""
+        grad = self.weight.grad
+        if grad is None:
+            return None
+        keep = torch.zeros(len(grad), dtype=torch.bool, device=grad.device)
+        keep[rows] = True
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            mine = keep[grad.indices()[0]]
+            total, kept = grad.values().norm(), grad.values()[mine].norm()
+            self.weight.grad = torch.sparse_coo_tensor(grad.indices()[:, mine], grad.values()[mine], grad.shape,
+                                                       is_coalesced=True, check_invariants=False)
+        else:
+            total = grad.norm()
+            grad.masked_fill_(~keep.unsqueeze(1), 0)
+            kept = grad.norm()
+        return kept / total.clamp(min=1e-30)
 
     def _after_load(self, incompatible_keys):  # a load_state_dict post-hook: the copy is of the old weight
         self._copy = None
@@ -155,10 +168,8 @@ class ValueTable(nn.Module):
 
     def forward(self, indices, weights):
         """Each token's weighted sum of its rows: indices, weights (tokens, bag) -> (tokens, v_dim)."""
-        rows_grad = self.sparse_grad or indices.numel() < self.ROW_GRADS_BELOW * len(self.weight)
-        grad = self._grad_buffer()
-        return embedding_bag(self.weight, indices, weights, sparse_grad=rows_grad, read=self.read_copy(),
-                             grad_into=None if rows_grad else grad)
+        return embedding_bag(self.weight, indices, weights, sparse_grad=self.row_grads, read=self.read_copy(),
+                             grad_into=self._grad_buffer())
 
     def record_usage(self, indices, weights):
         """Add a read's weights to `usage` when measuring (ProductKeyMemory calls it with its own tokens)."""
@@ -288,8 +299,8 @@ class ProductKeyMemory(nn.Module):
         """The rows each token reads and their weights: two (tokens, heads*knn), indices int64, weights fp32.
 
         Each head's weights are a softmax over its knn scores (fp32), so a token's weights sum to heads.
-        (Differentiating only the winners' gathered sub-keys does less arithmetic, but measured 2x slower
-        on CPU than the dense score gradient: embedding backward is slow there.)
+        (Differentiating only the winners' gathered sub-keys does less arithmetic, but is slower on CPU
+        than the dense score gradient: embedding backward is slow there.)
         """
         s1, s2 = self.half_scores(*self.queries_and_keys(x))
         i, j = product_key_topk(s1, s2, self.knn)

@@ -1,4 +1,4 @@
-"""A row-wise ("lazy") AdamW for the memory value tables, whose gradients arrive as touched rows only.
+"""The optimizers of a GPT, among them a row-wise ("lazy") AdamW for the memory value tables.
 
 Dense AdamW (the paper's optimiser) updates every row of an (N, v_dim) table every step, so a step costs
 O(N * v_dim) however few rows the tokens read. RowAdamW updates only the rows that have a gradient this
@@ -8,13 +8,50 @@ their moments stay as they were (dense AdamW would keep moving them along their 
 Weight decay is decoupled and lazy: a row is decayed by lr * weight_decay when it is updated.
 The per-row counts are kept under the state key "step", which torch's load_state_dict leaves on the device it
 was saved from (it moves only "step"s of fused or capturable optimizers): RowAdamW moves them after loading.
-
 The per-row update gathers, updates and scatters three (rows, v_dim) tensors; torch.compile fuses that
-into one pass over the touched rows (4-5x faster than eager on CPU), so it is compiled by default.
+into one pass over the touched rows, so it is compiled by default.
+
+The optimizer decides the layout of a value table's gradient: RowAdamW marks the weights it updates
+(mark_row_grads; make_optimizers marks SGD's too when asked for row updates), and a memory.ValueTable
+gives a marked weight a sparse COO gradient of the rows read; every other weight gets a dense gradient.
+The helpers here that handle gradients (clip_grad_norm_, all_reduce_grads_) take either layout.
 """
 import warnings
 
 import torch
+import torch.distributed as dist
+
+
+def mark_row_grads(params):
+    """Mark params (value tables' weights) as updated by rows: the attribute `row_grads = True` on each,
+    which memory.ValueTable reads to give them sparse row gradients. RowAdamW marks its own parameters;
+    torch.optim.SGD (without momentum) also takes row gradients. A deepcopy of a Parameter drops the mark
+    (torch copies no attributes of Parameters): mark the copy again."""
+    for p in params:
+        p.row_grads = True
+
+
+def make_optimizers(model, kind="adamw", learning_rate=1e-3, value_lr=1e-3, weight_decay=0.0, betas=(0.9, 0.95),
+                    row_updates=False, fused=False):
+    """The optimizers of a GPT's parameter groups (model.optimizer_groups), by name. kind 'adamw':
+    {"optimizer": AdamW} over every group, or with row_updates AdamW without the value tables (if anything
+    else trains) plus {"value_optimizer": RowAdamW} over them (touched rows only); kind 'sgd': {"optimizer":
+    SGD} over every group, the tables undecayed (SGD takes row gradients undecayed only) and, with
+    row_updates, given row gradients. fused: AdamW's fused kernels (CUDA)."""
+    groups = model.optimizer_groups(weight_decay, learning_rate, value_lr)
+    values = [g for g in groups if g["name"] == model.VALUE_GROUP]
+    if kind == "sgd":
+        for g in values:
+            g["weight_decay"] = 0.0
+            if row_updates:
+                mark_row_grads(g["params"])
+        return {"optimizer": torch.optim.SGD(groups)}
+    rows = values if row_updates else []
+    dense = [g for g in groups if all(g is not v for v in rows)]
+    optimizers = {"optimizer": torch.optim.AdamW(dense, betas=betas, fused=fused)} if dense else {}
+    if rows:  # finetune='smf' or 'values' with row updates train the tables only: no AdamW then
+        optimizers["value_optimizer"] = RowAdamW(rows, betas=betas)
+    return optimizers
 
 
 def adamw_rows(param, exp_avg, exp_avg_sq, step, rows, grad, lr, beta1: float, beta2: float, eps: float,
@@ -32,7 +69,8 @@ def adamw_rows(param, exp_avg, exp_avg_sq, step, rows, grad, lr, beta1: float, b
 
 
 class RowAdamW(torch.optim.Optimizer):
-    """AdamW over the rows of 2-D parameters whose .grad is a sparse COO tensor (row indices only).
+    """AdamW over the rows of 2-D parameters whose .grad is a sparse COO tensor (row indices only); it marks
+    every parameter it is given (mark_row_grads), so that value tables give them that gradient.
 
     compile: fuse the row update with torch.compile (falls back to eager, with a warning, where it cannot).
     """
@@ -42,6 +80,10 @@ class RowAdamW(torch.optim.Optimizer):
         self.update = torch.compile(adamw_rows, dynamic=True) if compile else adamw_rows
         self.register_load_state_dict_post_hook(_state_to_param_devices)
 
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        mark_row_grads(self.param_groups[-1]["params"])
+
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
@@ -50,7 +92,8 @@ class RowAdamW(torch.optim.Optimizer):
                 if p.grad is None:
                     continue
                 if not p.grad.is_sparse:
-                    raise ValueError("RowAdamW needs sparse row gradients (the value table's sparse_grad mode)")
+                    raise ValueError("RowAdamW needs sparse row gradients (a value table gives them to the weights "
+                                     "RowAdamW marks when it is built), got a dense one")
                 grad = p.grad.coalesce()
                 state = self.state[p]
                 if not state:
@@ -104,3 +147,30 @@ def clip_grad_norm_(params, max_norm, group=None):
     if max_norm > 0:  # torch.nn.utils.clip_grad_norm_'s coefficient
         torch._foreach_mul_(grads, (max_norm / (norm + 1e-6)).clamp(max=1.0))
     return norm
+
+
+def all_reduce_grads_(params, group):
+    """Sum params' gradients over the ranks of group, in place (a collective: every rank of group). Dense
+    gradients are all-reduced; row gradients are all-gathered, since each rank read its own rows."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse:
+            p.grad = _gather_rows(p.grad, group)
+        elif p.grad is not None:
+            dist.all_reduce(p.grad, group=group)
+
+
+def _gather_rows(grad, group):
+    """A sparse row gradient summed over group: every rank's rows, padded to the longest for the gather."""
+    grad = grad.coalesce()
+    rows, values = grad.indices()[0], grad.values()
+    sizes = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(group.size())]
+    dist.all_gather(sizes, torch.tensor([len(rows)], device=rows.device), group=group)
+    longest = int(max(sizes))
+    gathered_rows = [rows.new_empty(longest) for _ in sizes]
+    gathered_values = [values.new_empty(longest, values.shape[1]) for _ in sizes]
+    dist.all_gather(gathered_rows, torch.cat([rows, rows.new_zeros(longest - len(rows))]), group=group)
+    dist.all_gather(gathered_values, torch.cat([values, values.new_zeros(longest - len(rows), values.shape[1])]),
+                    group=group)
+    rows = torch.cat([r[:int(n)] for r, n in zip(gathered_rows, sizes)])
+    values = torch.cat([v[:int(n)] for v, n in zip(gathered_values, sizes)])
+    return torch.sparse_coo_tensor(rows.unsqueeze(0), values, grad.shape, check_invariants=False).coalesce()

@@ -30,7 +30,7 @@ from facts import describe_scores, load_eval, score_facts
 from finetune import SparseMemoryFinetune, document_frequency, inverse_document_frequency, merged_state, prepare
 from memory import usage_stats
 from model import GPT
-from optim import RowAdamW, clip_grad_norm_
+from optim import clip_grad_norm_, make_optimizers
 
 
 # ---- training ---------------------------------------------------------------------------------------
@@ -244,26 +244,6 @@ class StopRequest:
             signal.signal(s, handler)
 
 
-def make_optimizers(model, config, device):
-    """{"optimizer": AdamW} over every parameter group (model.optimizer_groups), or with mem_sparse_update
-    AdamW without the value tables (if anything else trains) plus {"value_optimizer": RowAdamW} over them
-    (touched rows only); with optimizer='sgd', {"optimizer": SGD} over every group."""
-    groups = model.optimizer_groups(config["weight_decay"], config["learning_rate"], config["mem_value_lr"])
-    betas = (config["beta1"], config["beta2"])
-    for g in groups:  # SGD takes sparse row gradients undecayed only
-        if g["name"] == model.VALUE_GROUP and config["optimizer"] == "sgd":
-            g["weight_decay"] = 0.0
-    if config["optimizer"] == "sgd":  # plain SGD on every group, dense or sparse row gradients alike
-        return {"optimizer": torch.optim.SGD(groups)}
-    value_groups = [g for g in groups if g["name"] == model.VALUE_GROUP] if config["mem_sparse_update"] else []
-    dense_groups = [g for g in groups if not any(g is v for v in value_groups)]
-    optimizers = {"optimizer": torch.optim.AdamW(dense_groups, betas=betas, fused=device.type == "cuda")
-                  } if dense_groups else {}  # finetune='smf' or 'values' with mem_sparse_update train the tables only
-    if value_groups:
-        optimizers["value_optimizer"] = RowAdamW(value_groups, betas=betas)
-    return optimizers
-
-
 def train(config):
     """Train as config says; returns the model. Raises a UserError for bad input. What the run holds (the
     out_dir lock) is let go however it ends."""
@@ -300,11 +280,11 @@ def run(config, held):
     # smf's unselected rows must not move: under dense AdamW they would go on moving on their moments, and a
     # row selected late would get a step bias-corrected by the run's step count (docs/method.md section 6)
     config["mem_sparse_update"] |= config["finetune"] == "smf"
-    for table in model.values:
-        table.sparse_grad = config["mem_sparse_update"]
     smf = sparse_finetune(model, checkpoint, config, device, par) if config["finetune"] == "smf" else None
     prepare(model, config["finetune"], config["lora_rank"])  # freezes what this finetune mode does not train
-    optimizers = make_optimizers(model, config, device)
+    optimizers = make_optimizers(model, config["optimizer"], config["learning_rate"], config["mem_value_lr"],
+                                 config["weight_decay"], (config["beta1"], config["beta2"]),
+                                 row_updates=config["mem_sparse_update"], fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
     if resume:

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 import kernels
 import memory
 from memory import ProductKeyMemory, ValueTable, product_key_topk
+from optim import RowAdamW, mark_row_grads
 from conftest import brute_force_lookup, no_host_reads
 
 
@@ -140,17 +141,17 @@ def dense_reference_grad(table, reads, grads):
 
 
 @pytest.mark.parametrize("gpu_form", [True, False], ids=["gpu-form", "cpu-form"])
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse-rows"])
-def test_gradients_of_layers_x_micro_steps_stay_bounded_by_the_rows_read(monkeypatch, sparse, gpu_form):
-    """3 reads of one table per backward, 4 backwards (micro-steps). In the GPU's form (padded, uncoalesced
-    row gradients, which CUDA autograd sums by concatenation; forced here) as in the CPU's, .grad must hold
-    each row read once (sparse) or be one dense tensor (dense), equal to F.embedding_bag's; a single read's
-    own gradient holds its rows only, never an (N, v_dim) tensor."""
+def test_a_table_rowadamw_updates_gets_each_row_read_once(monkeypatch, gpu_form):
+    """RowAdamW chooses the layout: built over the table, it makes every backward's .grad a coalesced sparse
+    tensor of exactly the rows read, over 3 reads of the table per backward and 4 backwards (micro-steps),
+    equal to F.embedding_bag's gradient. In the GPU's form (padded, uncoalesced row gradients, which CUDA
+    autograd sums by concatenation; forced here) as in the CPU's; a single read's own gradient holds its
+    rows only (padded to its pairs on the GPU), never an (N, v_dim) tensor."""
     if gpu_form:
         monkeypatch.setattr(kernels, "_sync_free", lambda t: True)
     torch.manual_seed(10)
     values = ValueTable(200, 6)
-    values.sparse_grad = sparse
+    RowAdamW(values.parameters(), compile=False)
     reads = [(torch.randint(0, 200, (5, 4)), torch.rand(5, 4)) for _ in range(12)]
     grads = [torch.randn(5, 6) for _ in reads]
     one_read = torch.autograd.grad((values(*reads[0]) * grads[0]).sum(), values.weight)[0]
@@ -158,13 +159,10 @@ def test_gradients_of_layers_x_micro_steps_stay_bounded_by_the_rows_read(monkeyp
     for step in range(4):
         sum((values(*read) * grad).sum() for read, grad in zip(reads[3 * step:3 * step + 3],
                                                                grads[3 * step:3 * step + 3])).backward()
-    read_rows = torch.cat([i.flatten() for i, _ in reads]).unique()
     grad = values.weight.grad
-    assert grad.dtype == torch.float32 and grad.is_sparse == sparse
-    if sparse:
-        assert grad.is_coalesced() and torch.equal(grad.indices()[0], read_rows)
-        grad = grad.to_dense()
-    torch.testing.assert_close(grad.double(), dense_reference_grad(values.weight, reads, grads))
+    assert grad.dtype == torch.float32 and grad.is_sparse and grad.is_coalesced()
+    assert torch.equal(grad.indices()[0], torch.cat([i.flatten() for i, _ in reads]).unique())
+    torch.testing.assert_close(grad.to_dense().double(), dense_reference_grad(values.weight, reads, grads))
 
 
 class TensorsMade(torch.utils._python_dispatch.TorchDispatchMode):
@@ -181,19 +179,20 @@ class TensorsMade(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 @pytest.mark.parametrize("gpu_form", [True, False], ids=["gpu-form", "cpu-form"])
-def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient(monkeypatch, gpu_form):
-    """Reads of a quarter of the rows or more: 3 reads per backward, 4 micro-steps, then a new step after
-    zero_grad. Every backward after the first adds into one (N, v_dim) gradient (the same tensor, step after
-    step) and makes no (N, v_dim) tensor; each step's gradient is F.embedding_bag's. GPU form: the rows
-    read padded to a bound, not counted."""
+def test_reads_of_layers_x_micro_steps_add_into_one_dense_gradient(monkeypatch, gpu_form):
+    """Under a dense optimizer, reads of any size (3 pairs of 40 rows, or 20): 3 reads per backward, 4
+    micro-steps, then a new step after zero_grad. Every backward after the first adds into one (N, v_dim)
+    gradient (the same tensor, step after step) and makes no tensor of the table's shape, dense or sparse;
+    each step's gradient is F.embedding_bag's. GPU form: the rows read padded to a bound, not counted."""
     if gpu_form:
         monkeypatch.setattr(kernels, "_sync_free", lambda t: True)
     torch.manual_seed(11)
     values = ValueTable(40, 6)
     optimizer = torch.optim.SGD(values.parameters(), lr=0.0)
-    steps = [[[(torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6)) for _ in range(3)]
-              for _ in range(4)], [[(torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]]]
-    assert 20 >= ValueTable.ROW_GRADS_BELOW * 40  # 20 pairs a read: the dense path
+
+    def read(tokens, bag):
+        return torch.randint(0, 40, (tokens, bag)), torch.rand(tokens, bag), torch.randn(tokens, 6)
+    steps = [[[read(1, 3), read(5, 4), read(1, 3)] for _ in range(4)], [[read(1, 3)]]]
     buffer = None
     for step, micro_steps in enumerate(steps):
         optimizer.zero_grad()
@@ -204,7 +203,7 @@ def test_large_reads_of_layers_x_micro_steps_add_into_one_dense_gradient(monkeyp
             if step or micro:
                 assert (40, 6) not in made.shapes
         buffer = buffer if buffer is not None else values.weight.grad
-        assert values.weight.grad is buffer and not buffer.is_sparse
+        assert values.weight.grad is buffer and buffer.layout == torch.strided
         reads = [(i, w) for reads in micro_steps for i, w, _ in reads]
         grads = [g for reads in micro_steps for _, _, g in reads]
         torch.testing.assert_close(values.weight.grad.double(), dense_reference_grad(values.weight, reads, grads),
@@ -224,7 +223,6 @@ def test_a_compiled_step_adds_into_the_gradient_buffer_itself():
     values = ValueTable(997, 24)  # sizes to find in the generated code
     optimizer = torch.optim.SGD(values.parameters(), lr=0.0)
     reads = [(torch.randint(0, 997, (300, 4)), torch.rand(300, 4), torch.randn(300, 24)) for _ in range(2)]
-    assert 300 * 4 >= ValueTable.ROW_GRADS_BELOW * 997  # large reads: they add into the buffer
 
     def loss():
         return sum((values(i, w) * g).sum() for i, w, g in reads)
@@ -242,10 +240,10 @@ def test_a_compiled_step_adds_into_the_gradient_buffer_itself():
                                                                      [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
 
 
-def test_zero_grad_readies_the_buffer_that_small_and_large_reads_add_into():
+def test_zero_grad_readies_the_buffer_that_reads_add_into():
     """The table's zero_grad makes the dense buffer before any backward and zeroes it before each step, as
-    weight.grad; a read of few pairs (a row gradient, which autograd adds in) and one of many (added in by
-    its backward) both land in it, step after step. A table with sparse_grad gets no buffer."""
+    weight.grad; a read of few pairs and one of many both add into it, step after step. Once RowAdamW takes
+    the table, zero_grad drops the buffer and leaves no gradient."""
     torch.manual_seed(15)
     values = ValueTable(40, 6)
     buffers = []
@@ -253,16 +251,15 @@ def test_zero_grad_readies_the_buffer_that_small_and_large_reads_add_into():
         values.zero_grad()
         buffers.append(values.weight.grad)
         assert not buffers[-1].any()
-        reads = [(torch.randint(0, 40, (1, 3)), torch.rand(1, 3), torch.randn(1, 6)),  # 3 pairs: a row gradient
-                 (torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]  # 20: into the buffer
+        reads = [(torch.randint(0, 40, (1, 3)), torch.rand(1, 3), torch.randn(1, 6)),
+                 (torch.randint(0, 40, (5, 4)), torch.rand(5, 4), torch.randn(5, 6))]
         sum((values(i, w) * g).sum() for i, w, g in reads).backward()
         assert values.weight.grad is buffers[0] is buffers[-1]
         torch.testing.assert_close(buffers[-1].double(), dense_reference_grad(
             values.weight, [r[:2] for r in reads], [r[2] for r in reads]), rtol=1e-5, atol=1e-6)
-    sparse = ValueTable(40, 6)
-    sparse.sparse_grad = True
-    sparse.zero_grad()
-    assert sparse.weight.grad is None and sparse._grad is None
+    RowAdamW(values.parameters(), compile=False)
+    values.zero_grad()
+    assert values.weight.grad is None and values._grad is None
 
 
 def test_a_converted_table_gets_a_new_gradient_buffer():
@@ -280,13 +277,54 @@ def test_a_converted_table_gets_a_new_gradient_buffer():
 
 
 def test_copied_tables_keep_their_gradient_hook():
-    """deepcopy and pickling drop tensor hooks: a copied table must still give dense AdamW a dense gradient."""
+    """deepcopy and pickling drop tensor hooks: a copied table must still keep its first dense gradient as
+    the buffer later reads add into, and give RowAdamW coalesced rows (a deepcopied weight is a new
+    Parameter, which RowAdamW marks again)."""
     import copy
     import pickle
     values = ValueTable(100, 4)
-    for clone in (copy.deepcopy(values), pickle.loads(pickle.dumps(values))):
-        clone(torch.randint(0, 100, (2, 3)), torch.rand(2, 3)).sum().backward()  # 6 pairs: a row gradient
-        assert clone.weight.grad.layout == torch.strided
+    indices = torch.tensor([[7, 3, 3], [50, 7, 1]])
+    for rows in (False, True):
+        for clone in (copy.deepcopy(values), pickle.loads(pickle.dumps(values))):
+            if rows:
+                RowAdamW(clone.parameters(), compile=False)
+            clone(indices, torch.rand(2, 3)).sum().backward()
+            grad = clone.weight.grad
+            if rows:
+                assert grad.is_sparse and grad.is_coalesced() and grad.indices()[0].tolist() == [1, 3, 7, 50]
+            else:
+                assert grad.layout == torch.strided and clone._grad is grad
+
+
+@pytest.mark.parametrize("rows", [False, True], ids=["dense", "sparse-rows"])
+def test_keep_grad_rows_leaves_the_masked_gradient(rows):
+    """keep_grad_rows, under a dense optimizer and under RowAdamW: what is left is F.embedding_bag's gradient
+    with every other row zeroed (row gradients: the other rows dropped, not stored as zeros), the dense
+    buffer masked in place; it returns the kept share of the gradient's norm (None without a gradient)."""
+    torch.manual_seed(16)
+    values = ValueTable(40, 6)
+    if rows:
+        RowAdamW(values.parameters(), compile=False)
+    assert values.keep_grad_rows(torch.tensor([1])) is None
+    reads = [(torch.randint(0, 30, (5, 4)), torch.rand(5, 4)) for _ in range(2)]  # rows 30-39 never read
+    grads = [torch.randn(5, 6) for _ in reads]
+    sum((values(*read) * grad).sum() for read, grad in zip(reads, grads)).backward()
+    before = values.weight.grad
+    read = torch.cat([i.flatten() for i, _ in reads]).unique()
+    kept = torch.cat([read[::2], torch.tensor([35])])
+    full = dense_reference_grad(values.weight, reads, grads)
+    mask = torch.zeros(40, 1, dtype=torch.bool)
+    mask[kept] = True
+    want = full * mask
+    share = values.keep_grad_rows(kept)
+    grad = values.weight.grad
+    if rows:
+        assert grad.is_sparse and grad.is_coalesced() and torch.equal(grad.indices()[0], read[::2])
+        grad = grad.to_dense()
+    else:
+        assert grad is before
+    torch.testing.assert_close(grad.double(), want)
+    torch.testing.assert_close(share.double(), want.norm() / full.norm())
 
 
 def test_reads_under_autocast_move_bf16_and_train_the_fp32_master(monkeypatch):
@@ -341,7 +379,6 @@ def test_layer_forward_and_backward_compile_in_one_graph_without_host_syncs(spar
     torch.manual_seed(12)
     layer = ProductKeyMemory(dim=16, n_keys=8, heads=2, knn=4, k_dim=8, v_dim=16)
     values = ValueTable(64, 16)
-    values.sparse_grad = sparse
     xs = torch.randn(3, 10, 16)
     backend = aot_autograd(fw_compiler=boxed_no_host_reads, bw_compiler=boxed_no_host_reads,
                            keep_inference_input_mutations=True)
@@ -349,6 +386,8 @@ def test_layer_forward_and_backward_compile_in_one_graph_without_host_syncs(spar
     for compiled in (False, True):
         layer_, values_ = copy.deepcopy((layer, values))
         params = [values_.weight, *layer_.parameters()]
+        if sparse:
+            mark_row_grads([values_.weight])
 
         def step(x):
             return layer_(x, values_).square().sum()

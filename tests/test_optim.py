@@ -4,7 +4,7 @@ import warnings
 import pytest
 import torch
 
-from optim import RowAdamW, clip_grad_norm_
+from optim import RowAdamW, clip_grad_norm_, make_optimizers
 
 
 def sparse_rows(rows, values, shape):
@@ -81,3 +81,26 @@ def test_loaded_state_follows_the_parameter_to_its_device():
     state = resumed.state[elsewhere]
     assert set(state) == {"exp_avg", "exp_avg_sq", "step"}
     assert all(t.device.type == "meta" and t.dtype == torch.float32 for t in state.values())
+
+
+@pytest.mark.parametrize("kind, row_updates", [("adamw", False), ("adamw", True), ("sgd", False), ("sgd", True)])
+def test_the_optimizers_choose_the_value_tables_gradient_layout(kind, row_updates):
+    """make_optimizers: with row updates the tables (RowAdamW's, or SGD's) get a sparse gradient of exactly
+    the rows read, otherwise a dense one; either way the gradient is autograd's through a plain gather."""
+    from model import GPT, GPTConfig
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=32, block_size=8, n_layer=2, n_head=2, n_embd=16, memory_layers=(0, 1),
+                          mem_n_keys=8, mem_heads=2, mem_knn=4))
+    optimizers = make_optimizers(model, kind, row_updates=row_updates)
+    assert set(optimizers) == ({"optimizer", "value_optimizer"} if kind == "adamw" and row_updates else {"optimizer"})
+    table = model.values[0]
+    reads = [(torch.randint(0, 64, (6, 8)), torch.rand(6, 8)) for _ in range(2)]  # two layers' reads, say
+    sum(table(i, w).square().sum() for i, w in reads).backward()
+    weight = table.weight.detach().clone().requires_grad_()
+    sum((weight[i] * w.unsqueeze(-1)).sum(1).square().sum() for i, w in reads).backward()
+    grad = table.weight.grad
+    assert grad.is_sparse == row_updates
+    if row_updates:
+        assert torch.equal(grad.indices()[0], torch.cat([i.flatten() for i, _ in reads]).unique())
+        grad = grad.to_dense()
+    torch.testing.assert_close(grad, weight.grad)

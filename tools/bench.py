@@ -217,6 +217,7 @@ def layer_step(kind, dim, tokens, num_values, device, reps, dtype=None):
     and the process's peak memory in MB (run in a fresh process); dtype: under that autocast."""
     from memory import ProductKeyMemory, ValueTable
     from model import SwiGLU, GPTConfig
+    from optim import RowAdamW
     torch.manual_seed(0)
     device = torch.device(device)
     if kind == "dense":
@@ -225,7 +226,8 @@ def layer_step(kind, dim, tokens, num_values, device, reps, dtype=None):
         n_keys = round(num_values ** 0.5)
         layer = ProductKeyMemory(dim, n_keys, heads=4, knn=32, k_dim=dim // 2, v_dim=dim).to(device)
         values = ValueTable(n_keys ** 2, dim).to(device)
-        values.sparse_grad = kind == "memory-sparse"
+        if kind == "memory-sparse":  # the table's gradient as RowAdamW takes it (the optimizer never steps here)
+            RowAdamW(values.parameters(), compile=False)
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
 
