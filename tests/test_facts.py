@@ -257,7 +257,7 @@ def test_split_suite_divides_the_largest_memory_between_memory_and_engram():
 
 
 def test_headline_counts_rises_spreads_and_seeds():
-    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a / 2, "facts_nll": 1.0}
+    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a / 2, "last_quarter": a / 4, "facts_nll": 1.0}
             for m, accs in (("dense", (0.1, 0.2)), ("memplus_1k", (0.1, 0.3)), ("memplus_4k", (0.25, 0.35)),
                             ("memplus_16k", (0.4, 0.5)), ("moe", (0.5, 0.1)))
             for s, a in enumerate(accs, 1)]
@@ -267,6 +267,8 @@ def test_headline_counts_rises_spreads_and_seeds():
     assert "against dense 15.0% ± 5.0% at equal FLOPs per token: 3.0x" in text
     assert "higher at 1 of 2 seeds" in text
     assert "dense +7.5, Memory+ (memplus_16k) +22.5" in text
+    assert "The widest seed spread: moe 30.0% ± 20.0%" in text
+    assert "Dense gained +3.8 points of fact accuracy in the last quarter" in text
 
 
 def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tmp_path):
@@ -280,6 +282,7 @@ def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tm
     assert (tmp_path / "data" / "facts_30" / facts.EVAL_FILE).exists()
     table = (tmp_path / "out" / "results.md").read_text()
     summary, every_run = table.split("Every run")
+    every_run = every_run.split("Fact accuracy at each eval")[0]
     rows = [line.split(" | ")[:2] for line in every_run.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert rows == [["| dense", "1"], ["| dense", "2"], ["| memplus_1k", "1"], ["| memplus_1k", "2"],
                     ["| memplus_4k", "1"], ["| memplus_4k", "2"]]
@@ -288,6 +291,11 @@ def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tm
     assert "Fact accuracy by memory size: 1k" in table and "30 entities" in table
     assert (tmp_path / "out" / "facts.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
     assert "- memplus_4k: `facts_common capacity_common capacity_memplus --mem_n_keys=64`" in table
+    curves = [line.split(" | ") for line in table.split("Fact accuracy at each eval")[1].splitlines()
+              if line.startswith("| ") and "---" not in line]
+    assert curves[0] == ["| run", "0", "1", "2 |"]
+    assert [c[0] for c in curves[1:]] == ["| dense seed 1", "| dense seed 2"] + ["| memplus_1k seed 1", "| read, KL",
+        "| memplus_1k seed 2", "| read, KL", "| memplus_4k seed 1", "| read, KL", "| memplus_4k seed 2", "| read, KL"]
     events = [json.loads(line) for line in open(tmp_path / "out" / "memplus_4k_seed2" / "log.jsonl")]
     start = next(e for e in events if e["event"] == "start")
     assert start["config"]["mem_n_keys"] == 64 and start["config"]["seed"] == 2 and start["config"]["dataset"] == "facts_30"

@@ -181,12 +181,14 @@ def log_scores(events, path):
     final = evals[-1]
     if "facts_acc" not in final:
         raise UserError(f"{path} has no fact scores: does the dataset folder hold {EVAL_FILE}?")
-    half = min(evals, key=lambda e: abs(e["iter"] - final["iter"] / 2))
+    half, three_quarters = (min(evals, key=lambda e: abs(e["iter"] - final["iter"] * f)) for f in (1 / 2, 3 / 4))
     return {"params": start["params"], "active_params": start["active_params"],
             "flops_per_token": start["flops_per_token"], "tokens": start["tokens_per_iter"] * final["iter"],
             **{k: final[k] for k in ("val_loss", "facts_acc", "facts_acc_heldout", "facts_nll", "facts_nll_heldout")},
-            "facts_acc_half": half["facts_acc"], "wall_s": final["time"] - start["time"],
-            "curve": [(e["iter"] * start["tokens_per_iter"], e["facts_acc"]) for e in evals]}
+            "facts_acc_half": half["facts_acc"], "last_quarter": final["facts_acc"] - three_quarters["facts_acc"],
+            "wall_s": final["time"] - start["time"],
+            "curve": [(e["iter"] * start["tokens_per_iter"], e["facts_acc"]) for e in evals],
+            "evals": [{k: e.get(k) for k in ("iter", "facts_acc", "mem_read_fraction", "mem_kl_uniform")} for e in evals]}
 
 
 def markdown_table(rows):
@@ -203,14 +205,30 @@ def markdown_table(rows):
 
 def summary_table(rows):
     """One line per model: its sizes and the mean ± half the range of its scores over seeds."""
-    lines = ["| model | seeds | params | FLOPs/token | fact acc | acc at half | held-out acc | answer NLL |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | seeds | params | FLOPs/token | fact acc | acc at half | last quarter | held-out acc | answer NLL |",
+             "|---|---|---|---|---|---|---|---|---|"]
     by_key = {key: by_model(rows, key) for key in ("seed", "params", "flops_per_token", "facts_acc", "facts_acc_half",
-                                                   "facts_acc_heldout", "facts_nll")}
+                                                   "last_quarter", "facts_acc_heldout", "facts_nll")}
     for model, seeds in by_key["seed"].items():
         lines.append(f"| {model} | {len(seeds)} | {by_key['params'][model][0]:,} | {by_key['flops_per_token'][model][0]:,} | "
                      f"{spread(by_key['facts_acc'][model])} | {spread(by_key['facts_acc_half'][model])} | "
+                     f"{100 * mean(by_key['last_quarter'][model]):+.1f} | "
                      f"{spread(by_key['facts_acc_heldout'][model])} | {mean(by_key['facts_nll'][model]):.3f} |")
+    return "\n".join(lines)
+
+
+def curves_table(rows):
+    """Every run's fact accuracy at each eval, and for memory runs the values read and the KL of the reads from
+    uniform (of the first memory layer): when each seed learns its facts, and how it uses its memory meanwhile."""
+    iters = [e["iter"] for e in rows[0]["evals"]]
+    lines = ["| run | " + " | ".join(map(str, iters)) + " |", "|" + "---|" * (len(iters) + 1)]
+    for r in rows:
+        if [e["iter"] for e in r["evals"]] != iters:
+            continue  # another schedule: no common columns
+        lines.append(f"| {r['model']} seed {r['seed']} | " + " | ".join(f"{e['facts_acc']:.0%}" for e in r["evals"]) + " |")
+        if r["evals"][0]["mem_read_fraction"]:
+            lines.append("| read, KL | " + " | ".join(f"{e['mem_read_fraction'][0]:.0%}, {e['mem_kl_uniform'][0]:.1f}"
+                                                      for e in r["evals"]) + " |")
     return "\n".join(lines)
 
 
@@ -269,6 +287,12 @@ def headline(rows):
         lines.append("- Sparse parameters given to Engram, the rest to Memory+: " +
                      ", ".join(f"{m[7:-3]}% {spread(acc[m])} (NLL {mean(nll[m]):.3f})" for m in split) +
                      f"; the most facts at {best[7:-3]}%")
+    widest = max(acc, key=lambda m: max(acc[m]) - min(acc[m]))
+    lines.append(f"- The widest seed spread: {widest} {spread(acc[widest])} (half the range; target: at most 5 points)")
+    if "dense" in acc:
+        gain = by_model(rows, "last_quarter")["dense"]
+        lines.append(f"- Dense gained {100 * mean(gain):+.1f} points of fact accuracy in the last quarter of its schedule "
+                     "(mean over seeds; a plateau: under 2)")
     half = by_model(rows, "facts_acc_half")
     if memory in acc and "dense" in acc:
         lines.append(f"- Gained in the second half of training (fact accuracy points, mean over seeds): dense "
@@ -379,6 +403,8 @@ def run_facts(args):
     report = (f"# Factual recall: memory against dense at equal compute ({args.preset})\n\nData: {meta['source']}. "
               f"Command: `python tools/bench.py facts {' '.join(args.argv)}`{took}.\n\n{summary_table(rows)}\n\n"
               f"{headline(rows)}\n\nEvery run (wall s: from its start to its last eval):\n\n{markdown_table(rows)}\n\n"
+              f"Fact accuracy at each eval (and a memory's values read, KL of its reads from uniform):\n\n"
+              f"{curves_table(rows)}\n\n"
               f"Each model's configs (under configs/) and train.py overrides:\n{settings}\n")
     if plot_facts(rows, runs, os.path.join(args.out, "facts.png")):
         report += "\n![fact accuracy and answer NLL against parameters, and accuracy against tokens](facts.png)\n"
