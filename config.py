@@ -56,7 +56,8 @@ class TrainConfig:
     device: str = "auto"  # 'auto': cuda, then mps, then cpu
     dtype: str = "auto"  # 'float32', 'bfloat16', 'float16' (autocast); 'auto': bfloat16 on cuda if supported
     compile: bool = False  # torch.compile the model
-    seed: int = 1337  # weights' initialisation and the order of batches
+    seed: int = 1337  # weights' initialisation (and the order of batches unless data_seed is set)
+    data_seed: int = 0  # the order of training batches (0: seed), to tell a seed's initialisation from its data order
     mem_parallel: int = 1  # under torchrun: ranks per group that splits the value tables by columns
     vocab_multiple: int = 1  # the model's vocabulary rounded up to a multiple of this (64 suits GPU matmuls)
     # finetuning a trained model (finetune.py, docs/method.md section 6)
@@ -87,7 +88,7 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
         "mem_value_grad_clip")},
     **{k: (lambda v, c: v > 0, "above 0") for k in ("learning_rate", "mem_value_lr", "rope_theta", "norm_eps")},
     **{k: (lambda v, c: 0 <= v < 1, "in [0, 1)") for k in ("beta1", "beta2")},
-    "seed": (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)"),
+    **{k: (lambda v, c: 0 <= v < 2**32, "in [0, 2**32)") for k in ("seed", "data_seed")},
     "min_lr": (lambda v, c: 0 <= v <= c["learning_rate"], "in [0, learning_rate={learning_rate}]"),
     "lr_decay_iters": (lambda v, c: v == 0 or v >= c["warmup_iters"],
                        "0 (decay until max_iters) or at least warmup_iters={warmup_iters}"),

@@ -380,7 +380,7 @@ def run(config, held):
 
             for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
                 table.zero_grad()
-            generator = batch_generator(config["seed"], iter_num)
+            generator = batch_generator(config["data_seed"] or config["seed"], iter_num)
             loss_sum = 0.0
             micro_steps = config["gradient_accumulation_steps"]
             for micro_step in range(micro_steps):

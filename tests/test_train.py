@@ -198,3 +198,16 @@ def test_compile_traces_the_training_step_once(char_data_dir, tmp_path, monkeypa
     assert ("ckpt.pt" in os.listdir(tmp_path)) == bool(eval_interval)
     if not eval_interval:
         assert os.listdir(tmp_path) == ["log.jsonl"]
+
+
+def test_data_seed_changes_the_batches_and_not_the_initialisation(char_data_dir, tmp_path):
+    """seed alone sets both; data_seed=seed is the same run; another data_seed keeps the initial weights (the same
+    first eval) and trains on other batches (another first loss)."""
+    def losses(name, **seeds):
+        train(config_for(char_data_dir, tmp_path / name, max_iters=2, eval_interval=2, log_interval=1, **seeds))
+        return read_log(tmp_path / name, "eval")[0]["val_loss"], [e["loss"] for e in read_log(tmp_path / name, "train")]
+    alone, same, other, reseeded = (losses("alone", seed=3), losses("same", seed=3, data_seed=3),
+                                    losses("other", seed=3, data_seed=4), losses("reseeded", seed=4, data_seed=3))
+    assert alone == same
+    assert other[0] == alone[0] and other[1][0] != alone[1][0]
+    assert reseeded[0] != alone[0]
