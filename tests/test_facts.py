@@ -189,7 +189,7 @@ def test_compare_trains_each_model_and_writes_the_table(facts_data_dir, tmp_path
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     table = (tmp_path / "results.md").read_text()
-    every_run = table.split("Every run")[1]
+    every_run = table.split("Every run")[1].split("Fact accuracy at each eval")[0]
     rows = [line for line in every_run.splitlines() if line.startswith("| dense") or line.startswith("| memplus")]
     assert [r.split(" | ")[:2] for r in rows] == [["| dense", "1"], ["| dense", "2"], ["| memplus", "1"],
                                                   ["| memplus", "2"]]
@@ -274,11 +274,24 @@ def test_headline_counts_rises_spreads_and_seeds():
 def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tmp_path):
     """Three models of the capacity preset at a tiny budget, two seeds, on a knowledge base it makes."""
     tiny = ["max_iters=2", "eval_interval=1", "eval_iters=1", "facts_eval_size=10", "batch_size=4"]
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", "--preset=capacity",
-                             "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", "--jobs=2",
-                             f"--out={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *tiny],
-                            capture_output=True, text=True, timeout=180)
+    sweep = [sys.executable, os.path.join(ROOT, "tools", "bench.py"), "facts", "--preset=capacity",
+             "--models=dense,memplus_1k,memplus_4k", "--entities=30", "--seeds=2", "--jobs=2",
+             f"--out={tmp_path / 'out'}", f"--data_dir={tmp_path / 'data'}", *tiny]
+    result = subprocess.run(sweep, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
+    table = (tmp_path / "out" / "results.md").read_text()
+
+    def written():
+        return {log.parent.name: log.stat().st_mtime_ns for log in (tmp_path / "out").glob("*/log.jsonl")}
+    before = written()
+    result = subprocess.run(sweep, capture_output=True, text=True, timeout=180)  # started again: trains nothing
+    assert result.returncode == 0 and written() == before, result.stderr[-2000:]
+    dense = [a if not a.startswith("--models=") else "--models=dense" for a in sweep[:-1]] + ["batch_size=3"]
+    result = subprocess.run(dense, capture_output=True, text=True, timeout=180)
+    again = written()  # dense with another command: trained again
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(k for k in before if again[k] != before[k]) == ["dense_seed1", "dense_seed2"]
+    (tmp_path / "out" / "results.md").write_text(table)
     assert (tmp_path / "data" / "facts_30" / facts.EVAL_FILE).exists()
     table = (tmp_path / "out" / "results.md").read_text()
     summary, every_run = table.split("Every run")

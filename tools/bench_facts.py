@@ -153,11 +153,33 @@ def config_path(name):
 
 
 def facts_run(run, seed, out_dir, train_args, threads):
-    """Train one run in out_dir (emptied first); returns its run_scores."""
+    """Train one run in out_dir (emptied first) and return its run_scores, or return those of the run already
+    there when it finished with the same command: a stopped sweep, started again, trains only what is missing."""
+    args = [*map(config_path, run.configs), *run.overrides, f"--seed={seed}", *train_args]
+    path = os.path.join(out_dir, "log.jsonl")
+    try:
+        start, evals = finished(read_events(path))
+        if start["command"][1:] == [os.path.join(ROOT, "train.py"), *args, f"--out_dir={out_dir}"]:
+            return log_scores(start, evals, path)
+    except (OSError, ValueError):  # nothing there, or no finished run
+        pass
     shutil.rmtree(out_dir, ignore_errors=True)
-    events, _ = train_and_log([*map(config_path, run.configs), *run.overrides, f"--seed={seed}", *train_args],
-                              out_dir, threads)
-    return log_scores(events, os.path.join(out_dir, "log.jsonl"))
+    events, _ = train_and_log(args, out_dir, threads)
+    return log_scores(*finished(events), path)
+
+
+def read_events(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def finished(events):
+    """(start event, eval events) of a finished run's log; ValueError for a run that did not finish."""
+    start = next((e for e in events if e["event"] == "start"), None)
+    evals = [e for e in events if e["event"] == "eval"]
+    if start is None or not evals or evals[-1]["iter"] != start["config"]["max_iters"]:
+        raise ValueError("not a finished run")
+    return start, evals
 
 
 def run_scores(out_dir):
@@ -165,19 +187,15 @@ def run_scores(out_dir):
     every eval, and wall seconds from its start to its last eval, read from out_dir/log.jsonl."""
     path = os.path.join(out_dir, "log.jsonl")
     try:
-        with open(path) as f:
-            events = [json.loads(line) for line in f]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} ({e}): train the run again (without --report)") from None
-    return log_scores(events, path)
+        return log_scores(*finished(read_events(path)), path)
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror}): train the run again (without --report)") from None
+    except ValueError:
+        raise UserError(f"{path} is not a finished run: train it again (without --report)") from None
 
 
-def log_scores(events, path):
-    """run_scores of the events of the log at path."""
-    start = next((e for e in events if e["event"] == "start"), None)
-    evals = [e for e in events if e["event"] == "eval"]
-    if start is None or not evals or evals[-1]["iter"] != start["config"]["max_iters"]:
-        raise UserError(f"{path} is not a finished run: train it again (without --report)")
+def log_scores(start, evals, path):
+    """run_scores of a finished run's start and eval events (of the log at path)."""
     final = evals[-1]
     if "facts_acc" not in final:
         raise UserError(f"{path} has no fact scores: does the dataset folder hold {EVAL_FILE}?")
