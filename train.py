@@ -23,7 +23,7 @@ import torch
 
 import distributed
 from checkpoint import STATE, WEIGHTS, load_latest, open_run, save_checkpoint
-from config import gpt_config, load_config, pick_device, pick_dtype, usage
+from config import Config, gpt_config, load_config, pick_device, pick_dtype, usage
 from data import batch_generator, get_batch, load_dataset, same_vocabulary
 from errors import ConfigError, NumericsError, UserError
 from facts import describe_scores, load_eval, score_facts
@@ -36,13 +36,13 @@ from optim import clip_grad_norm_, make_optimizers
 # ---- training ---------------------------------------------------------------------------------------
 def lr_factor(step, config):
     """Linear warmup to 1, cosine decay to min_lr/learning_rate at lr_decay_iters, then flat."""
-    decay_iters = config["lr_decay_iters"] or config["max_iters"]
-    floor = config["min_lr"] / config["learning_rate"]
-    if step < config["warmup_iters"]:
-        return (step + 1) / (config["warmup_iters"] + 1)
+    decay_iters = config.lr_decay_iters or config.max_iters
+    floor = config.min_lr / config.learning_rate
+    if step < config.warmup_iters:
+        return (step + 1) / (config.warmup_iters + 1)
     if step >= decay_iters:
         return floor
-    progress = (step - config["warmup_iters"]) / max(1, decay_iters - config["warmup_iters"])
+    progress = (step - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
     return floor + 0.5 * (1 + math.cos(math.pi * progress)) * (1 - floor)
 
 
@@ -64,10 +64,10 @@ def estimate_loss(model, splits, config, device, autocast, par, tables):
     for split, data in splits.items():
         for table in tables:
             table.usage = torch.zeros(len(table.weight), device=device) if split == "val" else None
-        generator = torch.Generator().manual_seed(config["seed"])
+        generator = torch.Generator().manual_seed(config.seed)
         losses = []
-        for _ in range(config["eval_iters"]):
-            x, y = get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank,
+        for _ in range(config.eval_iters):
+            x, y = get_batch(data, config.batch_size, config.block_size, generator, device, par.rank,
                              par.world)
             with autocast:
                 losses.append(model(x, y)[1].float())
@@ -127,7 +127,7 @@ def evaluate(model, step_model, splits, config, device, autocast, par, facts_sam
         message += describe_scores(fields)
     if retain:
         kept = {"val_loss": estimate_loss(step_model, retain[0], config, device, autocast, par, [])["val"]}
-        message += f"; {config['facts_retain_dataset']}: val loss {kept['val_loss']:.4f}"
+        message += f"; {config.facts_retain_dataset}: val loss {kept['val_loss']:.4f}"
         if retain[1]:
             with autocast:
                 kept.update(score_facts(model, retain[1], device))
@@ -136,7 +136,7 @@ def evaluate(model, step_model, splits, config, device, autocast, par, facts_sam
     seconds = time.time() - t0
     fields = {"iter": iter_num, "train_loss": fields.pop("train"), "val_loss": fields.pop("val"), **fields,
               "eval_s": seconds}
-    return f"iter {iter_num}/{config['max_iters']} eval ({seconds:.1f} s): {message}", fields
+    return f"iter {iter_num}/{config.max_iters} eval ({seconds:.1f} s): {message}", fields
 
 
 def run_details(config, device, dtype, world):
@@ -146,22 +146,22 @@ def run_details(config, device, dtype, world):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    return {"config": config, "torch": torch.__version__, "triton": triton_version,
+    return {"config": dict(config), "torch": torch.__version__, "triton": triton_version,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else device.type,
             "dtype": str(dtype).removeprefix("torch."), "command": [sys.executable, *sys.argv], "world": world}
 
 
 def retained(config, meta):
     """(val split, facts sample) of facts_retain_dataset, which must share the run's vocabulary; None unset."""
-    name = config["facts_retain_dataset"]
+    name = config.facts_retain_dataset
     if not name:
         return None
-    splits, other = load_dataset(config["data_dir"], name, config["block_size"])
+    splits, other = load_dataset(config.data_dir, name, config.block_size)
     if not same_vocabulary(meta, other):
-        raise ConfigError(f"facts_retain_dataset '{name}' has another vocabulary than dataset '{config['dataset']}': "
+        raise ConfigError(f"facts_retain_dataset '{name}' has another vocabulary than dataset '{config.dataset}': "
                           f"prepare it with `prepare_data.py text --input FILE --name {name} --vocab_from="
-                          f"{config['dataset']}` (facts: both with one command, facts --new_entities)")
-    sample = load_eval(os.path.join(config["data_dir"], name), config["facts_eval_size"], meta["vocab_size"])
+                          f"{config.dataset}` (facts: both with one command, facts --new_entities)")
+    sample = load_eval(os.path.join(config.data_dir, name), config.facts_eval_size, meta["vocab_size"])
     return {"val": splits["val"]}, sample
 
 
@@ -171,22 +171,22 @@ def sparse_finetune(model, checkpoint, config, device, par):
     trained on, or smf_background_dataset, which must share its vocabulary), read with the checkpoint's
     weights; smf_idf=False ranks by tf alone. The dataset is recorded in config, so a resumed run reads
     the same one."""
-    name = (config["smf_background_dataset"] or checkpoint["config"].get("smf_background_dataset")
+    name = (config.smf_background_dataset or checkpoint["config"].get("smf_background_dataset")
             or checkpoint["config"]["dataset"])
-    config["smf_background_dataset"] = name
-    data, background = load_dataset(config["data_dir"], name, config["block_size"])
+    config.smf_background_dataset = name
+    data, background = load_dataset(config.data_dir, name, config.block_size)
     if not same_vocabulary(checkpoint["meta"], background):  # its ids would mean other text than in pretraining
-        run_dir = config["out_dir"] if config["init_from"] == "resume" else config["init_from"]
+        run_dir = config.out_dir if config.init_from == "resume" else config.init_from
         raise ConfigError(f"smf_background_dataset '{name}' has another vocabulary than the checkpoint of {run_dir}: "
                           f"prepare the pretraining text again with `prepare_data.py text --input FILE --name {name} "
                           f"--vocab_from={run_dir}`, or set smf_background_dataset to a dataset in its vocabulary")
     data = data["train"]
-    generator = torch.Generator().manual_seed(config["seed"] + 1)
-    batches = (get_batch(data, config["batch_size"], config["block_size"], generator, device, par.rank, par.world)
-               for _ in range(config["smf_background_batches"]))
-    idf = (inverse_document_frequency(*document_frequency(model, batches, par.sum)) if config["smf_idf"] else
+    generator = torch.Generator().manual_seed(config.seed + 1)
+    batches = (get_batch(data, config.batch_size, config.block_size, generator, device, par.rank, par.world)
+               for _ in range(config.smf_background_batches))
+    idf = (inverse_document_frequency(*document_frequency(model, batches, par.sum)) if config.smf_idf else
            [torch.ones(len(t.weight), dtype=torch.float64, device=device) for t in model.values])  # tf alone
-    return SparseMemoryFinetune(model, idf, config["smf_rows"], par.sum)
+    return SparseMemoryFinetune(model, idf, config.smf_rows, par.sum)
 
 
 def starting_point(config, model_config, meta):
@@ -195,13 +195,13 @@ def starting_point(config, model_config, meta):
     'scratch': (None, None, False). 'resume': out_dir's latest checkpoint, continued. Another run's out_dir:
     its latest checkpoint's weights only, for finetuning with a new optimizer, schedule and data.
     """
-    if config["init_from"] == "scratch":
-        if config["eval_only"]:
+    if config.init_from == "scratch":
+        if config.eval_only:
             raise ConfigError("eval_only=True evaluates a checkpoint: set init_from='resume' (out_dir's) or "
                               "init_from=<another run's out_dir>")
         return None, None, False
-    resume = config["init_from"] == "resume"
-    folder = config["out_dir"] if resume else config["init_from"]
+    resume = config.init_from == "resume"
+    folder = config.out_dir if resume else config.init_from
     if not resume and not os.path.isdir(folder):
         raise ConfigError(f"init_from={folder!r} is not a folder: use 'scratch', 'resume' or another run's out_dir")
     checkpoint, source = load_latest(os.path.join(folder, "ckpt.pt"), keys=STATE if resume else WEIGHTS)
@@ -209,7 +209,7 @@ def starting_point(config, model_config, meta):
     if not same_vocabulary(old_meta, meta):
         raise ConfigError(f"{source} was trained on a {old_meta.get('tokenizer')} vocabulary of "
                           f"{old_meta.get('vocab_size')} ids ({old_meta.get('name')}) but dataset "
-                          f"'{config['dataset']}' has a {meta.get('tokenizer')} vocabulary of {meta.get('vocab_size')}: "
+                          f"'{config.dataset}' has a {meta.get('tokenizer')} vocabulary of {meta.get('vocab_size')}: "
                           f"prepare the new data in its vocabulary with `prepare_data.py text --input FILE --name NAME "
                           f"--vocab_from={folder}`")
     now = asdict(model_config)
@@ -217,8 +217,8 @@ def starting_point(config, model_config, meta):
               for k, v in checkpoint["model_config"].items() if now.get(k) != v]
     if differ:
         raise ConfigError(f"config contradicts {source}: {'; '.join(differ)}")
-    if resume and not config["eval_only"] and config["max_iters"] < checkpoint["iter_num"]:
-        raise ConfigError(f"max_iters={config['max_iters']} is below the iteration of {source}, "
+    if resume and not config.eval_only and config.max_iters < checkpoint["iter_num"]:
+        raise ConfigError(f"max_iters={config.max_iters} is below the iteration of {source}, "
                           f"{checkpoint['iter_num']}: write max_iters={checkpoint['iter_num']} or more to continue it, "
                           "or eval_only=True to evaluate it")
     return checkpoint, source, resume
@@ -245,31 +245,32 @@ class StopRequest:
 
 
 def train(config):
-    """Train as config says; returns the model. Raises a UserError for bad input. What the run holds (the
-    out_dir lock) is let go however it ends."""
+    """Train as config (a dict) says; returns the model. Raises a UserError for bad input. The run works on
+    a copy of config, so the caller's is left as it was; what the run holds (the out_dir lock) is let go
+    however it ends."""
     with ExitStack() as held:
-        return run(config, held)
+        return run(Config(config), held)
 
 
 def run(config, held):
     """train(config), with held (an ExitStack) for what must be let go when the run ends."""
-    torch.manual_seed(config["seed"])
-    device = pick_device(config["device"])
-    dtype = pick_dtype(config["dtype"], device)
+    torch.manual_seed(config.seed)
+    device = pick_device(config.device)
+    dtype = pick_dtype(config.dtype, device)
     autocast = nullcontext() if dtype == torch.float32 else torch.autocast(device.type, dtype=dtype)
-    splits, meta = load_dataset(config["data_dir"], config["dataset"], config["block_size"])
-    facts_sample = load_eval(os.path.join(config["data_dir"], config["dataset"]), config["facts_eval_size"],
+    splits, meta = load_dataset(config.data_dir, config.dataset, config.block_size)
+    facts_sample = load_eval(os.path.join(config.data_dir, config.dataset), config.facts_eval_size,
                              meta["vocab_size"])
     retain = retained(config, meta)
-    ckpt_path = os.path.join(config["out_dir"], "ckpt.pt")
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
     model_config = gpt_config(config, meta["vocab_size"])
-    par = distributed.setup(config["mem_parallel"], device, model_config)
+    par = distributed.setup(config.mem_parallel, device, model_config)
     device = par.device
     if dtype == torch.float16 and par.world > 1:
         raise ConfigError("dtype='float16' skips steps on overflow rank by rank, so ranks would drift apart: "
                           "use 'bfloat16' or 'float32' with several processes")
-    fresh = config["init_from"] != "resume" and not config["eval_only"]  # would replace out_dir's checkpoint
-    held.enter_context(par.agree(lambda: open_run(config["out_dir"], fresh, config["overwrite"]) if par.is_main
+    fresh = config.init_from != "resume" and not config.eval_only  # would replace out_dir's checkpoint
+    held.enter_context(par.agree(lambda: open_run(config.out_dir, fresh, config.overwrite) if par.is_main
                                  else nullcontext()))  # rank 0 alone writes, so it alone locks out_dir
 
     checkpoint, ckpt_source, resume = starting_point(config, model_config, meta)
@@ -279,17 +280,17 @@ def run(config, held):
         model.load_state_dict(checkpoint["model"])  # a sharded table takes its columns of the whole one
     # smf's unselected rows must not move: under dense AdamW they would go on moving on their moments, and a
     # row selected late would get a step bias-corrected by the run's step count (docs/method.md section 6)
-    config["mem_sparse_update"] |= config["finetune"] == "smf"
-    smf = sparse_finetune(model, checkpoint, config, device, par) if config["finetune"] == "smf" else None
-    prepare(model, config["finetune"], config["lora_rank"])  # freezes what this finetune mode does not train
-    optimizers = make_optimizers(model, config["optimizer"], config["learning_rate"], config["mem_value_lr"],
-                                 config["weight_decay"], (config["beta1"], config["beta2"]),
-                                 row_updates=config["mem_sparse_update"], fused=device.type == "cuda")
+    config.mem_sparse_update |= config.finetune == "smf"
+    smf = sparse_finetune(model, checkpoint, config, device, par) if config.finetune == "smf" else None
+    prepare(model, config.finetune, config.lora_rank)  # freezes what this finetune mode does not train
+    optimizers = make_optimizers(model, config.optimizer, config.learning_rate, config.mem_value_lr,
+                                 config.weight_decay, (config.beta1, config.beta2),
+                                 row_updates=config.mem_sparse_update, fused=device.type == "cuda")
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     start_iter = 0
     if resume:
         if set(optimizers) != {name for name in ("optimizer", "value_optimizer") if name in checkpoint}:
-            raise ConfigError(f"{ckpt_source} was trained with mem_sparse_update={not config['mem_sparse_update']}: "
+            raise ConfigError(f"{ckpt_source} was trained with mem_sparse_update={not config.mem_sparse_update}: "
                               "resume with the same setting")
         for name, optimizer in optimizers.items():
             settings = [{k: g[k] for k in ("peak_lr", "weight_decay", "betas")} for g in optimizer.param_groups]
@@ -302,16 +303,16 @@ def run(config, held):
     value_params = [p for _, p in model.value_parameters()]
     other_params = [p for p in model.parameters() if all(p is not v for v in value_params)]
     wrapped = par.wrap(model)  # DDP, blind to the value tables
-    step_model = torch.compile(wrapped) if config["compile"] else wrapped
+    step_model = torch.compile(wrapped) if config.compile else wrapped
 
-    log = Logger(config["out_dir"]) if par.is_main else lambda *args, **fields: None
-    if config["eval_only"]:
+    log = Logger(config.out_dir) if par.is_main else lambda *args, **fields: None
+    if config.eval_only:
         message, fields = evaluate(model, step_model, splits, config, device, autocast, par, facts_sample,
                                    start_iter, retain)
         log("eval", f"{ckpt_source}: {message}", checkpoint=ckpt_source, **fields)
         return model
     counts = model.param_counts()
-    tokens_per_iter = par.world * config["batch_size"] * config["block_size"] * config["gradient_accumulation_steps"]
+    tokens_per_iter = par.world * config.batch_size * config.block_size * config.gradient_accumulation_steps
     ranks = f", {par.world} ranks, tables split over groups of {par.mem_parallel}" if par.world > 1 else ""
     origin = f"from iter {start_iter}" if resume else (f"weights of {ckpt_source}" if ckpt_source else "from scratch")
     log("start", f"{counts['total']:,} parameters ({counts['active']:,} active per token), "
@@ -332,9 +333,9 @@ def run(config, held):
 
         def write():  # on rank 0; a failed write (a full disk) stops every rank alike
             if par.is_main:
-                if config["finetune"] == "lora":
+                if config.finetune == "lora":
                     state["model"] = merged_state(state["model"], model)
-                save_checkpoint({**state, "model_config": asdict(model_config), "config": config, "meta": meta,
+                save_checkpoint({**state, "model_config": asdict(model_config), "config": dict(config), "meta": meta,
                                  "iter_num": iter_num, "val_loss": val_loss, "rng_state": torch.get_rng_state()},
                                 ckpt_path)
         par.agree(write)
@@ -368,25 +369,25 @@ def run(config, held):
             for optimizer in optimizers.values():
                 for g in optimizer.param_groups:
                     g["lr"] = g["peak_lr"] * factor
-            if config["eval_interval"] and (iter_num % config["eval_interval"] == 0 or iter_num == config["max_iters"]):
+            if config.eval_interval and (iter_num % config.eval_interval == 0 or iter_num == config.max_iters):
                 message, fields = evaluate(model, step_model, splits, config, device, autocast, par,
                                            facts_sample, iter_num, retain)
                 log("eval", message, **fields)
                 if iter_num > start_iter or not resume:
                     save(iter_num, fields["val_loss"])
                 t0, timed_iters = time.time(), 0  # time training steps only
-            if iter_num >= config["max_iters"]:
+            if iter_num >= config.max_iters:
                 break
 
             for table in model.values:  # outside the compiled step: its gradient buffer zeroed in place
                 table.zero_grad()
-            generator = batch_generator(config["seed"], iter_num)
+            generator = batch_generator(config.data_seed or config.seed, iter_num)
             loss_sum = 0.0
-            micro_steps = config["gradient_accumulation_steps"]
+            micro_steps = config.gradient_accumulation_steps
             for micro_step in range(micro_steps):
                 if micro_step and (signum := stop_signal()):  # the first was checked before the eval
                     halt(signum)
-                x, y = get_batch(splits["train"], config["batch_size"], config["block_size"], generator, device,
+                x, y = get_batch(splits["train"], config.batch_size, config.block_size, generator, device,
                                  par.rank, par.world)
                 with par.sync(wrapped, last_micro_step=micro_step == micro_steps - 1):
                     with autocast:
@@ -399,13 +400,13 @@ def run(config, held):
             loss_sum = par.mean(loss_sum)  # with the norms below, the same on every rank: all take the same branch
             for optimizer in optimizers.values():
                 scaler.unscale_(optimizer)
-            grad_norm = clip_grad_norm_(other_params, config["grad_clip"])
-            value_grad_norm = clip_grad_norm_(value_params, config["mem_value_grad_clip"], par.mp_group)
+            grad_norm = clip_grad_norm_(other_params, config.grad_clip)
+            value_grad_norm = clip_grad_norm_(value_params, config.mem_value_grad_clip, par.mp_group)
             # the GradScaler skips non-finite fp16 steps itself; otherwise check (one host sync per step)
             if not scaler.is_enabled() and not torch.isfinite(loss_sum + grad_norm + value_grad_norm):
                 message = (f"non-finite loss or gradient at iter {iter_num} (loss {float(loss_sum)}, gradient norm "
                            f"{float(grad_norm)}, value gradient norm {float(value_grad_norm)})")
-                if config["nonfinite"] == "stop":
+                if config.nonfinite == "stop":
                     raise NumericsError(f"{message}; weights not updated, {ckpt_path} left as it was: resume "
                                          "from it with a lower learning_rate, or set nonfinite='skip'")
                 log("skip", f"{message}: step skipped", iter=iter_num)
@@ -420,14 +421,14 @@ def run(config, held):
             iter_num += 1
             timed_iters += 1
 
-            if iter_num % config["log_interval"] == 0:
+            if iter_num % config.log_interval == 0:
                 loss_value = float(loss_sum)  # a host sync, only when logging
                 dt = (time.time() - t0) / timed_iters
                 t0, timed_iters = time.time(), 0
-                lr = config["learning_rate"] * factor
-                log("train", f"iter {iter_num}/{config['max_iters']} | loss {loss_value:.4f} | lr {lr:.2e} | "
+                lr = config.learning_rate * factor
+                log("train", f"iter {iter_num}/{config.max_iters} | loss {loss_value:.4f} | lr {lr:.2e} | "
                              f"{dt * 1000:.0f} ms/iter | {tokens_per_iter / dt / 1e3:,.1f}k tok/s | "
-                             f"ETA {duration(dt * (config['max_iters'] - iter_num))}",
+                             f"ETA {duration(dt * (config.max_iters - iter_num))}",
                     iter=iter_num, loss=loss_value, lr=lr,
                     grad_norm=float(grad_norm), value_grad_norm=float(value_grad_norm), ms_per_iter=dt * 1000,
                     tokens_per_s=tokens_per_iter / dt, peak_memory_mb=peak_memory_mb(device),
