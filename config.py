@@ -104,8 +104,21 @@ RULES = {  # key: (test of its value in the whole config, the allowed values in 
 }
 
 
+class Config(dict):
+    """A train config: a dict whose keys also read and write as attributes (config.max_iters)."""
+
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(f"config has no key '{key}'") from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
 def default_config():
-    config = asdict(TrainConfig())
+    config = Config(asdict(TrainConfig()))
     config.update({f.name: f.default for f in fields(GPTConfig) if f.name in MODEL_KEYS})
     return config
 
@@ -205,7 +218,7 @@ def validate(config):
         if not ok(value, config):
             instead = next((v for v in (defaults[key], 0) if ok(v, config)), defaults[key])
             raise ConfigError(f"{key}={value!r} must be {allowed.format(**config)}: write e.g. {key}={instead!r}")
-    mode, start = config["finetune"], config["init_from"]
+    mode, start = config.finetune, config.init_from
     if mode != "full" and start == "scratch":
         raise ConfigError(f"finetune={mode!r} needs a trained model to start from, but init_from='scratch': set "
                           "init_from=<a trained run's out_dir>, or finetune='full' to train from scratch")

@@ -109,6 +109,18 @@ def test_config_files_and_overrides_apply_in_order(config_file):
     assert config["n_layer"] == 2 and config["dataset"] == "tiny"
 
 
+def test_config_keys_read_as_attributes_and_train_takes_a_plain_dict(char_data_dir, tmp_path):
+    """The checkpoint records the config as a plain dict, which torch.load(weights_only=True) reads."""
+    config = config_for(char_data_dir, tmp_path, max_iters=1, eval_interval=1)
+    config.seed = 7
+    assert config.seed == config["seed"] == 7
+    with pytest.raises(AttributeError, match="config has no key 'lerning_rate'"):
+        config.lerning_rate
+    train(dict(config))
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert type(saved) is dict and saved == config
+
+
 @pytest.mark.parametrize("name", sorted(os.listdir(os.path.join(ROOT, "configs"))))
 def test_shipped_configs_load_and_build(name):
     from model import GPT

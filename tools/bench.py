@@ -215,27 +215,27 @@ def run_kernels(args):
 def layer_step(kind, dim, tokens, num_values, device, reps, dtype=None):
     """Best ms of one forward+backward of a memory layer ("memory", "memory-sparse") or of the dense FFN,
     and the process's peak memory in MB (run in a fresh process); dtype: under that autocast."""
-    from memory import ProductKeyMemory, ValueTable
-    from model import SwiGLU, GPTConfig
+    from memory import ValueTable
+    from model import FFN_KINDS, GPTConfig, SwiGLU
     from optim import RowAdamW
     torch.manual_seed(0)
     device = torch.device(device)
-    if kind == "dense":
-        layer, values = SwiGLU(dim, GPTConfig(n_embd=dim, n_head=1).ffn_hidden).to(device), None
-    else:
-        n_keys = round(num_values ** 0.5)
-        layer = ProductKeyMemory(dim, n_keys, heads=4, knn=32, k_dim=dim // 2, v_dim=dim).to(device)
-        values = ValueTable(n_keys ** 2, dim).to(device)
-        if kind == "memory-sparse":  # the table's gradient as RowAdamW takes it (the optimizer never steps here)
-            RowAdamW(values.parameters(), compile=False)
+    # the blocks as model.py builds them; the dense FFN's config lists no memory layer, so its mem_n_keys goes unread
+    config = GPTConfig(n_embd=dim, n_head=1, n_layer=1, memory_layers=() if kind == "dense" else (0,),
+                       mem_n_keys=round(num_values ** 0.5), mem_heads=4, mem_knn=32)
+    layer = (SwiGLU if kind == "dense" else FFN_KINDS["memory_layers"]).from_config(config).to(device)
+    values = ValueTable(*layer.table_shape()).to(device) if "values" in layer.reads else None
+    if kind == "memory-sparse":  # the table's gradient as RowAdamW takes it (the optimizer never steps here)
+        RowAdamW(values.parameters(), compile=False)
     x = torch.randn(tokens, dim, device=device, requires_grad=True)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+    reads = {"values": values} if values else {}  # what the block's forward takes besides x (Block hands it the same)
 
     def step(_):
         for p in list(layer.parameters()) + ([values.weight] if values else []):
             p.grad = None
         with autocast:
-            out = layer(x, values) if values is not None else layer(x)  # the dense FFN reads no table
+            out = layer(x, **reads)
         out.float().square().mean().backward()
     ms = best_ms(step, device, reps)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else

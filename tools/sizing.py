@@ -140,12 +140,12 @@ def main(argv=None):
                             "(--help for more)")
         for path in files:  # a+b.py: config files applied in order, as train.py applies them
             config = load_config(path.split("+") + [a for a in argv if a.startswith("--")])
-            meta = os.path.join(config["data_dir"], config["dataset"], "meta.json")
-            vocab_size = read_meta(meta, config["dataset"])["vocab_size"] if os.path.exists(meta) else GPTConfig.vocab_size
+            meta = os.path.join(config.data_dir, config.dataset, "meta.json")
+            vocab_size = read_meta(meta, config.dataset)["vocab_size"] if os.path.exists(meta) else GPTConfig.vocab_size
             model_config = gpt_config(config, vocab_size)
             print("\n".join(report(model_config, os.path.basename(path))))
             if any(a.startswith("--mem_parallel=") for a in argv):
-                print("\n".join(per_rank_report(model_config, config["mem_parallel"])))
+                print("\n".join(per_rank_report(model_config, config.mem_parallel)))
     except UserError as e:
         sys.exit(f"error: {e}")
 
