@@ -65,10 +65,19 @@ def read_log(out_dir, event):
         return [e for e in map(json.loads, f) if e["event"] == event]
 
 
-def run(script, *args, cwd=ROOT):
-    """Run a script of the repository in a fresh process; its CompletedProcess (text output)."""
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
+def run(script, *args, cwd=ROOT, timeout=300):
+    """Run a script of the repository in a fresh process; its CompletedProcess (text output). Past the
+    timeout the script and every process it started (a benchmark's train.py runs) are killed, so a slow
+    run fails its test and leaves nothing running."""
+    with subprocess.Popen([sys.executable, os.path.join(ROOT, script), *args], cwd=cwd, text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 DEADLINE = 60  # seconds for any launch here; they take a few

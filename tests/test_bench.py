@@ -91,3 +91,27 @@ def test_forgetting_quick_runs_every_method_and_smf_learns(tmp_path, gpt2_bpe):
     assert last["facts_acc"] >= first["facts_acc"] + 0.05, (first["facts_acc"], last["facts_acc"])
     assert last["retain_facts_acc"] >= 0.8 * first["retain_facts_acc"]
     assert (out / "base" / "ckpt.pt").exists()  # pretrained once, then reused
+
+
+def test_a_benchmark_past_its_timeout_leaves_nothing_running(tmp_path):
+    """conftest.run kills the script and the processes it started (a benchmark's train.py runs) when it times
+    out: a timed-out benchmark test must not leave training runs behind on the machine."""
+    import subprocess
+    import time
+    pid_file, script = tmp_path / "child.pid", tmp_path / "starts_a_child.py"
+    script.write_text("import subprocess, sys, time\n"
+                      "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+                      f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+                      "time.sleep(60)\n")
+    with pytest.raises(subprocess.TimeoutExpired):
+        run(str(script), timeout=3)
+    child = int(pid_file.read_text())
+    for _ in range(50):  # killed: gone, or a zombie until something reaps it
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"process {child}, started by the timed-out script, is still running")
