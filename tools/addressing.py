@@ -60,25 +60,23 @@ def shared_rows(rows, people, attributes):
 
 
 def answer_reads(model, questions):
-    """(questions, heads * knn) rows read at each question's last prompt token, one tensor per memory layer."""
-    reads, lookup = [], memory.ProductKeyMemory.lookup
-
-    def recording(layer, x):
-        indices, weights = lookup(layer, x)
-        reads.append(indices)
-        return indices, weights
-
-    per_layer = []
-    memory.ProductKeyMemory.lookup = recording
+    """(questions, heads * knn) rows read at each question's last prompt token, one tensor per memory layer.
+    A forward hook repeats each memory layer's lookup on its input, so the model runs unchanged."""
+    layers = [m for m in model.modules() if isinstance(m, memory.ProductKeyMemory)]
+    reads = []
+    hooks = [layer.register_forward_hook(lambda m, args, out: reads.append(m.lookup(args[0].reshape(-1, m.dim))[0]))
+             for layer in layers]
+    per_question = []
     try:
         with torch.no_grad():
             for q in questions:
                 reads.clear()
                 model(torch.tensor([q["prompt_ids"]]))
-                per_layer.append([r.reshape(len(q["prompt_ids"]), -1)[-1] for r in reads])
+                per_question.append([r.reshape(len(q["prompt_ids"]), -1)[-1] for r in reads])
     finally:
-        memory.ProductKeyMemory.lookup = lookup
-    return [torch.stack(layer) for layer in zip(*per_layer)]
+        for hook in hooks:
+            hook.remove()
+    return [torch.stack(layer) for layer in zip(*per_question)]
 
 
 def run_report(out_dir, questions, checkpoint):
