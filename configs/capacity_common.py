@@ -1,7 +1,7 @@
 # The capacity preset of the facts benchmark (`python tools/bench.py facts --preset capacity`), on top of
 # configs/facts_common.py: a dense model small enough that a knowledge base it does not learn in the budget
 # fits a CPU. Trained for 6000 iterations: at 3000 every model was still in its climb, and when a run starts
-# to climb varies with the seed (Memory+ 64k: 28-71% at 3000, 99.7-100% at 6000). Memory+
+# to climb varies with the seed (Memory+ 64k: 78-98% after 3000, 99.7-100% after 6000). Memory+
 # (configs/capacity_memplus.py) replaces one of its two FFNs; tools/bench.py derives the 2x and 4x dense
 # models and the MoE with tools/sizing.py.
 # One run: python tools/bench.py facts --preset capacity --models dense --seeds 1
