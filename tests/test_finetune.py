@@ -150,6 +150,7 @@ def sharded_worker(rank, world, port, path):
     grad_rows = (model.values[0].weight.grad.abs().sum(1) > 0).nonzero().flatten()
     torch.save({"selected": selected, "grad_rows": grad_rows, "width": model.values[0].weight.shape[1]},
                f"{path}.{rank}")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it (a rare SIGABRT at exit)
     dist.destroy_process_group()
 
 
