@@ -23,6 +23,7 @@ import memory
 from errors import OneLineErrors, UserError
 from facts import EVAL_FILE
 from sample import load_model
+from tools.bench_facts import read_events
 
 PAIRS = ("same fact, other question", "same person, other attribute", "other person, same attribute",
          "other person, other attribute")
@@ -81,8 +82,7 @@ def answer_reads(model, questions):
 
 def run_report(out_dir, questions, checkpoint):
     """The markdown rows of one run: one per memory layer."""
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        events = [json.loads(line) for line in f]
+    events = read_events(os.path.join(out_dir, "log.jsonl"))
     config = next(e for e in events if e["event"] == "start")["config"]
     scored = [e for e in events if e["event"] == "eval" and "facts_acc" in e]
     eval_path = os.path.join(config["data_dir"], config["dataset"], EVAL_FILE)
