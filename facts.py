@@ -16,11 +16,14 @@ import math
 import os
 import random
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from data import read_json
 from errors import DataError
+from memory import ProductKeyMemory
 
 EVAL_FILE = "eval.json"
 DEFAULT_ENTITIES = 2000
@@ -156,9 +159,17 @@ def write_eval(facts, seed, tokenizer, path):
     return pairs
 
 
+@dataclass(frozen=True)
+class EvalSample:
+    """The fixed eval sample of a knowledge base: (prompt ids, answer ids) of trained and of held-out question
+    templates, and the (person, attribute) each trained pair asks about."""
+    trained: list
+    heldout: list
+    asked: list
+
+
 def load_eval(folder, size, vocab_size):
-    """The fixed eval sample of a dataset folder: {"": pairs of trained question templates, "_heldout":
-    pairs of held-out ones}, size of each, as (prompt ids, answer ids); None when the folder has no eval file.
+    """The EvalSample of a dataset folder, size pairs of each kind; None when the folder has no eval file.
     A file that is not what write_eval writes for a vocabulary of vocab_size is a one-line DataError."""
     path = os.path.join(folder, EVAL_FILE)
     if size <= 0 or not os.path.exists(path):
@@ -167,8 +178,10 @@ def load_eval(folder, size, vocab_size):
     if problem:
         raise DataError(f"{path} {problem}: make it again with `python prepare_data.py facts --name "
                         f"{os.path.basename(os.path.abspath(folder))}`, or delete it to train without fact scores")
-    return {suffix: [(p["prompt_ids"], p["answer_ids"]) for p in data["pairs"] if p["heldout"] == heldout][:size]
-            for suffix, heldout in (("", False), ("_heldout", True))}
+    trained, heldout = ([p for p in data["pairs"] if p["heldout"] == kind][:size] for kind in (False, True))
+    return EvalSample([(p["prompt_ids"], p["answer_ids"]) for p in trained],
+                      [(p["prompt_ids"], p["answer_ids"]) for p in heldout],
+                      [(p["entity"], p["attribute"]) for p in trained])
 
 
 def eval_problem(data, vocab_size):
@@ -180,9 +193,10 @@ def eval_problem(data, vocab_size):
         return "holds no list of 'pairs'"
     for n, p in enumerate(pairs):
         if not (isinstance(p, dict) and type(p.get("heldout")) is bool and ids(p.get("prompt_ids"))
-                and ids(p.get("answer_ids"))):
+                and ids(p.get("answer_ids")) and isinstance(p.get("entity"), str)
+                and isinstance(p.get("attribute"), str)):
             return (f"has a pair {n} that is not prompt_ids and answer_ids (ids below the vocabulary size "
-                    f"{vocab_size}) and heldout (true or false)")
+                    f"{vocab_size}), entity and attribute (text) and heldout (true or false)")
     if {p["heldout"] for p in pairs} != {False, True}:
         return "lacks pairs of trained or of held-out questions"
     return None
@@ -220,18 +234,88 @@ def score(model, pairs, device="cpu", batch_size=128):
     return {"acc": correct / len(pairs), "nll": nll_sum / n_tokens}
 
 
+# ---- addressing: whether a memory's reads tell the facts apart --------------------------------------------
+PAIRS = ("same fact, other question", "same person, other attribute", "other person, same attribute",
+         "other person, other attribute")
+CROSS_PERSON = "other person, same attribute"  # rows shared across people must hold all their answers at once
+
+
+def shared_rows(rows, people, attributes):
+    """Mean fraction of a question's rows that another question reads too, for each kind of pair in PAIRS.
+
+    rows (questions, k): the rows each question reads (a row read by two heads counts once); people,
+    attributes: one label per question. Counted per row rather than per pair: a row read by n questions of a
+    group is shared by n**2 ordered pairs of it (each question with itself included), so the squares of the
+    counts per (row, group) sum the shared rows of all pairs within each group, with no questions**2 matrix."""
+    def label_ids(labels):
+        ids = {}
+        return torch.tensor([ids.setdefault(label, len(ids)) for label in labels])
+
+    question = torch.arange(len(rows))[:, None].expand_as(rows)
+    read = torch.unique(torch.stack([question.flatten(), rows.flatten()], 1), dim=0)  # (question, row), once each
+    person, attribute = label_ids(people), label_ids(attributes)
+    groups = {"fact": label_ids(list(zip(people, attributes))), "person": person, "attribute": attribute,
+              "all": torch.zeros_like(person)}
+    shared, pairs = {}, {}
+    for name, group in groups.items():
+        by_row = torch.unique(torch.stack([read[:, 1], group[read[:, 0]]], 1), dim=0, return_counts=True)[1]
+        shared[name] = float((by_row.double() ** 2).sum())
+        pairs[name] = float((torch.bincount(group).double() ** 2).sum())
+    n, own = len(rows), len(read)  # own: each question with itself
+    kinds = [(shared["fact"] - own, pairs["fact"] - n),
+             (shared["person"] - shared["fact"], pairs["person"] - pairs["fact"]),
+             (shared["attribute"] - shared["fact"], pairs["attribute"] - pairs["fact"]),
+             (shared["all"] - shared["person"] - shared["attribute"] + shared["fact"],
+              pairs["all"] - pairs["person"] - pairs["attribute"] + pairs["fact"])]
+    per_question = own / n
+    return [s / (p * per_question) if p else float("nan") for s, p in kinds]
+
+
+@torch.no_grad()
+def answer_reads(model, prompts, device="cpu", batch_size=128):
+    """(questions, heads * knn) rows read at each prompt's last token, where the model predicts the answer: one
+    tensor per memory layer ([] without one). A forward hook repeats each memory layer's lookup on its input,
+    so the model runs unchanged; rows are right-padded, which the causal model never sees from earlier tokens."""
+    layers = [m for m in model.modules() if isinstance(m, ProductKeyMemory)]
+    reads, batches = [], []
+    hooks = [layer.register_forward_hook(lambda m, args, out: reads.append(m.lookup(args[0].reshape(-1, m.dim))[0]))
+             for layer in layers]
+    try:
+        for start in range(0 if layers else len(prompts), len(prompts), batch_size):
+            chunk = prompts[start:start + batch_size]
+            length = max(map(len, chunk))
+            idx = torch.tensor([p + [0] * (length - len(p)) for p in chunk], device=device)
+            last = torch.tensor([len(p) - 1 for p in chunk], device=device)
+            reads.clear()
+            model(idx)
+            batches.append([r.reshape(len(chunk), length, -1)[torch.arange(len(chunk), device=device), last].cpu()
+                            for r in reads])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [torch.cat(layer) for layer in zip(*batches)]
+
+
 def score_facts(model, sample, device):
-    """facts_acc, facts_nll (trained question templates), facts_acc_heldout, facts_nll_heldout; model in eval mode."""
+    """facts_acc, facts_nll (trained question templates), facts_acc_heldout, facts_nll_heldout of an EvalSample,
+    and for a memory model mem_cross_person_overlap (one per memory layer: how far its reads fail to tell
+    people apart, shared_rows); model in eval mode."""
     was_training = model.training
     model.eval()
     scores = {}
-    for suffix, pairs in sample.items():
+    for suffix, pairs in (("", sample.trained), ("_heldout", sample.heldout)):
         result = score(model, pairs, device)
         scores[f"facts_acc{suffix}"], scores[f"facts_nll{suffix}"] = result["acc"], result["nll"]
+    reads = answer_reads(model, [prompt for prompt, _ in sample.trained], device)
+    if reads and len(sample.asked) > 1:
+        people, attributes = zip(*sample.asked)
+        scores["mem_cross_person_overlap"] = [shared_rows(r, people, attributes)[PAIRS.index(CROSS_PERSON)]
+                                              for r in reads]
     model.train(was_training)
     return scores
 
 
 def describe_scores(scores):
     return (f", facts acc {scores['facts_acc']:.1%} (held-out questions {scores['facts_acc_heldout']:.1%}), "
-            f"answer nll {scores['facts_nll']:.3f} ({scores['facts_nll_heldout']:.3f})")
+            f"answer nll {scores['facts_nll']:.3f} ({scores['facts_nll_heldout']:.3f})" +
+            "".join(f", rows shared across people {s:.3f}" for s in scores.get("mem_cross_person_overlap", [])))

@@ -91,7 +91,8 @@ def unwritable(case):
     os.chmod(case / "run", 0o500)
 
 
-EVAL_PAIR = {"prompt": "Q", "answer": " A", "heldout": False, "prompt_ids": [1, 2], "answer_ids": [3]}
+EVAL_PAIR = {"prompt": "Q", "answer": " A", "entity": "E", "attribute": "city", "heldout": False,
+             "prompt_ids": [1, 2], "answer_ids": [3]}
 CASES = [
     # train.py: every setting in its range, checked before anything is created on disk
     ("lr-negative", "train.py", TRAIN + ["--learning_rate=-1e-3"], None, ["learning_rate=-0.001", "above 0"]),
@@ -161,6 +162,8 @@ CASES = [
         {"pairs": [{"prompt_ids": [1], "heldout": False}]})), ["eval.json", "pair 0"]),
     ("eval-ids-beyond-vocabulary", "train.py", TRAIN, write("data/tiny/eval.json", json.dumps(
         {"pairs": [{**EVAL_PAIR, "answer_ids": [999]}, {**EVAL_PAIR, "heldout": True}]})), ["eval.json", "pair 0"]),
+    ("eval-pair-without-person", "train.py", TRAIN, write("data/tiny/eval.json", json.dumps(
+        {"pairs": [EVAL_PAIR, {**EVAL_PAIR, "heldout": True, "entity": None}]})), ["eval.json", "pair 1", "entity"]),
     # sample.py
     ("top-k-negative", "sample.py", ["--out_dir={run}", "--top_k=-1"], trained, ["--top_k=-1"]),
     ("temperature-nan", "sample.py", ["--out_dir={run}", "--temperature=nan"], trained, ["--temperature=nan"]),

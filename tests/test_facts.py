@@ -307,8 +307,10 @@ def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tm
     curves = [line.split(" | ") for line in table.split("Fact accuracy at each eval")[1].splitlines()
               if line.startswith("| ") and "---" not in line]
     assert curves[0] == ["| run", "0", "1", "2 |"]
-    assert [c[0] for c in curves[1:]] == ["| dense seed 1", "| dense seed 2"] + ["| memplus_1k seed 1", "| read, KL",
-        "| memplus_1k seed 2", "| read, KL", "| memplus_4k seed 1", "| read, KL", "| memplus_4k seed 2", "| read, KL"]
+    usage = "| read, KL, shared"
+    assert [c[0] for c in curves[1:]] == ["| dense seed 1", "| dense seed 2"] + ["| memplus_1k seed 1", usage,
+        "| memplus_1k seed 2", usage, "| memplus_4k seed 1", usage, "| memplus_4k seed 2", usage]
+    assert all(len(cell.split(", ")) == 3 for c in curves if c[0] == usage for cell in c[1:])
     events = [json.loads(line) for line in open(tmp_path / "out" / "memplus_4k_seed2" / "log.jsonl")]
     start = next(e for e in events if e["event"] == "start")
     assert start["config"]["mem_n_keys"] == 64 and start["config"]["seed"] == 2 and start["config"]["dataset"] == "facts_30"

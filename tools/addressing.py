@@ -19,65 +19,10 @@ import torch
 if __package__ in (None, ""):  # run as `python tools/addressing.py`: the repository's modules are one folder up
     sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-import memory
 from errors import OneLineErrors, UserError
-from facts import EVAL_FILE
+from facts import EVAL_FILE, PAIRS, answer_reads, shared_rows
 from sample import load_model
 from tools.bench_facts import read_events
-
-PAIRS = ("same fact, other question", "same person, other attribute", "other person, same attribute",
-         "other person, other attribute")
-
-
-def shared_rows(rows, people, attributes):
-    """Mean fraction of a question's rows that another question reads too, for each kind of pair in PAIRS.
-
-    rows (questions, k): the rows each question reads (a row read by two heads counts once); people,
-    attributes: one label per question. Counted per row rather than per pair: a row read by n questions of a
-    group is shared by n**2 ordered pairs of it (each question with itself included), so the squares of the
-    counts per (row, group) sum the shared rows of all pairs within each group, with no questions**2 matrix."""
-    def label_ids(labels):
-        ids = {}
-        return torch.tensor([ids.setdefault(label, len(ids)) for label in labels])
-
-    question = torch.arange(len(rows))[:, None].expand_as(rows)
-    read = torch.unique(torch.stack([question.flatten(), rows.flatten()], 1), dim=0)  # (question, row), once each
-    person, attribute = label_ids(people), label_ids(attributes)
-    groups = {"fact": label_ids(list(zip(people, attributes))), "person": person, "attribute": attribute,
-              "all": torch.zeros_like(person)}
-    shared, pairs = {}, {}
-    for name, group in groups.items():
-        by_row = torch.unique(torch.stack([read[:, 1], group[read[:, 0]]], 1), dim=0, return_counts=True)[1]
-        shared[name] = float((by_row.double() ** 2).sum())
-        pairs[name] = float((torch.bincount(group).double() ** 2).sum())
-    n, own = len(rows), len(read)  # own: each question with itself
-    kinds = [(shared["fact"] - own, pairs["fact"] - n),
-             (shared["person"] - shared["fact"], pairs["person"] - pairs["fact"]),
-             (shared["attribute"] - shared["fact"], pairs["attribute"] - pairs["fact"]),
-             (shared["all"] - shared["person"] - shared["attribute"] + shared["fact"],
-              pairs["all"] - pairs["person"] - pairs["attribute"] + pairs["fact"])]
-    per_question = own / n
-    return [s / (p * per_question) if p else float("nan") for s, p in kinds]
-
-
-def answer_reads(model, questions):
-    """(questions, heads * knn) rows read at each question's last prompt token, one tensor per memory layer.
-    A forward hook repeats each memory layer's lookup on its input, so the model runs unchanged."""
-    layers = [m for m in model.modules() if isinstance(m, memory.ProductKeyMemory)]
-    reads = []
-    hooks = [layer.register_forward_hook(lambda m, args, out: reads.append(m.lookup(args[0].reshape(-1, m.dim))[0]))
-             for layer in layers]
-    per_question = []
-    try:
-        with torch.no_grad():
-            for q in questions:
-                reads.clear()
-                model(torch.tensor([q["prompt_ids"]]))
-                per_question.append([r.reshape(len(q["prompt_ids"]), -1)[-1] for r in reads])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [torch.stack(layer) for layer in zip(*per_question)]
 
 
 def run_report(out_dir, questions, checkpoint):
@@ -92,7 +37,7 @@ def run_report(out_dir, questions, checkpoint):
     with open(eval_path) as f:
         asked = [p for p in json.load(f)["pairs"] if not p["heldout"]][:questions]
     model, _, ckpt = load_model(os.path.join(out_dir, checkpoint), "cpu")
-    layers = answer_reads(model, asked)
+    layers = answer_reads(model, [p["prompt_ids"] for p in asked])
     if not layers:
         raise UserError(f"{out_dir} has no memory layer: addressing measures the reads of memory layers")
     acc = f"{scored[-1]['facts_acc']:.1%}" if scored else "-"

@@ -206,7 +206,8 @@ def log_scores(start, evals, path):
             "facts_acc_half": half["facts_acc"], "last_quarter": final["facts_acc"] - three_quarters["facts_acc"],
             "wall_s": final["time"] - start["time"],
             "curve": [(e["iter"] * start["tokens_per_iter"], e["facts_acc"]) for e in evals],
-            "evals": [{k: e.get(k) for k in ("iter", "facts_acc", "mem_read_fraction", "mem_kl_uniform")} for e in evals]}
+            "evals": [{k: e.get(k) for k in ("iter", "facts_acc", "mem_read_fraction", "mem_kl_uniform",
+                                               "mem_cross_person_overlap")} for e in evals]}
 
 
 def markdown_table(rows):
@@ -236,8 +237,14 @@ def summary_table(rows):
 
 
 def curves_table(rows):
-    """Every run's fact accuracy at each eval, and for memory runs the values read and the KL of the reads from
-    uniform (of the first memory layer): when each seed learns its facts, and how it uses its memory meanwhile."""
+    """Every run's fact accuracy at each eval, and for memory runs (of the first memory layer) the values read,
+    the KL of the reads from uniform and the rows shared across people (facts.shared_rows, in logs that have
+    it): when each seed learns its facts, and how it uses its memory meanwhile."""
+    def usage(e):
+        shared = e.get("mem_cross_person_overlap")
+        return (f"{e['mem_read_fraction'][0]:.0%}, {e['mem_kl_uniform'][0]:.1f}" +
+                (f", {shared[0]:.2f}" if shared else ""))
+
     iters = [e["iter"] for e in rows[0]["evals"]]
     lines = ["| run | " + " | ".join(map(str, iters)) + " |", "|" + "---|" * (len(iters) + 1)]
     for r in rows:
@@ -245,8 +252,7 @@ def curves_table(rows):
             continue  # another schedule: no common columns
         lines.append(f"| {r['model']} seed {r['seed']} | " + " | ".join(f"{e['facts_acc']:.0%}" for e in r["evals"]) + " |")
         if r["evals"][0]["mem_read_fraction"]:
-            lines.append("| read, KL | " + " | ".join(f"{e['mem_read_fraction'][0]:.0%}, {e['mem_kl_uniform'][0]:.1f}"
-                                                      for e in r["evals"]) + " |")
+            lines.append("| read, KL, shared | " + " | ".join(map(usage, r["evals"])) + " |")
     return "\n".join(lines)
 
 
