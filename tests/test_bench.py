@@ -11,9 +11,9 @@ def test_gpu_command_writes_each_row_as_measured_and_goes_on_past_failures(tmp_p
     (when it fails, the rows measured before it are in the file already) and the sparse training run (its log
     is kept beside the table). Each failure is one error row, every later measurement still runs, no
     checkpoint is written, and the command ends with a one-line error."""
-    from tools import bench
+    from tools import bench, bench_gpu
     out, seen = tmp_path / "gpu", {}
-    real_layer, real_train = bench.layer_step, bench.train_and_log
+    real_layer, real_train = bench_gpu.layer_step, bench_gpu.train_and_log
 
     def layer_step(kind, *args):
         if kind != "memory":
@@ -23,8 +23,8 @@ def test_gpu_command_writes_each_row_as_measured_and_goes_on_past_failures(tmp_p
 
     def train_and_log(args, out_dir):
         return real_train(args + (["--no_such_key=1"] if "--mem_sparse_update=True" in args else []), out_dir)
-    monkeypatch.setattr(bench, "layer_step", layer_step)
-    monkeypatch.setattr(bench, "train_and_log", train_and_log)
+    monkeypatch.setattr(bench_gpu, "layer_step", layer_step)
+    monkeypatch.setattr(bench_gpu, "train_and_log", train_and_log)
     with pytest.raises(SystemExit) as stop:
         bench.main(["gpu", "--device=cpu", f"--out={out}", "--steps=3"])
     assert stop.value.code == f"error: 2 measurements failed: their rows in {out / 'gpu.md'} say why"
