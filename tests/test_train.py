@@ -110,10 +110,12 @@ def test_config_files_and_overrides_apply_in_order(config_file):
 
 
 def test_config_keys_read_as_attributes_and_train_takes_a_plain_dict(char_data_dir, tmp_path):
-    """The checkpoint records the config as a plain dict, which torch.load(weights_only=True) reads."""
+    """The checkpoint records the config as a plain dict, which torch.load(weights_only=True) reads. Every key
+    reads as itself: a key named like a dict method (items, values, copy...) would read as the method."""
     config = config_for(char_data_dir, tmp_path, max_iters=1, eval_interval=1)
     config.seed = 7
     assert config.seed == config["seed"] == 7
+    assert [k for k in config if getattr(config, k) is not config[k]] == []
     with pytest.raises(AttributeError, match="config has no key 'lerning_rate'"):
         config.lerning_rate
     train(dict(config))
