@@ -1,7 +1,8 @@
 # The capacity preset of the facts benchmark (`python tools/bench.py facts --preset capacity`), on top of
 # configs/facts_common.py: a dense model small enough that a knowledge base it does not learn in the budget
-# fits a CPU. Trained for 6000 iterations: at 3000 every model was still in its climb, and when a run starts
-# to climb varies with the seed (Memory+ 64k: 78-98% after 3000, 99.7-100% after 6000). Memory+
+# fits a CPU. Trained for 12,000 iterations: when a run starts to climb varies with the seed, and at 6000 some
+# seeds had not yet (Memory+ 4k: 97.0 / 37.5 / 99.2%); at 12,000 every model's seeds end within 2.3 points of
+# their mid-range (Memory+ 4k: 99.2 / 98.2 / 99.7%). Memory+
 # (configs/capacity_memplus.py) replaces one of its two FFNs; tools/bench.py derives the 2x and 4x dense
 # models and the MoE with tools/sizing.py.
 # One run: python tools/bench.py facts --preset capacity --models dense --seeds 1
@@ -12,8 +13,8 @@ n_embd = 32
 ffn_hidden = 96  # 3 * n_embd: SwiGLU, about 18k FLOPs per token per layer
 block_size = 32  # two or three facts of about 13 tokens
 batch_size = 128
-max_iters = 6000  # 24.6M tokens, about 75 passes over the knowledge base
-eval_interval = 500
+max_iters = 12000  # 49M tokens, about 150 passes over the knowledge base
+eval_interval = 1000
 log_interval = 250
 eval_iters = 5
 facts_eval_size = 2000  # 2000 questions of trained and 2000 of held-out templates: a seed spread of a

@@ -257,18 +257,24 @@ def test_split_suite_divides_the_largest_memory_between_memory_and_engram():
 
 
 def test_headline_counts_rises_spreads_and_seeds():
-    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a / 2, "last_quarter": a / 4, "facts_nll": 1.0}
-            for m, accs in (("dense", (0.1, 0.2)), ("memplus_1k", (0.1, 0.3)), ("memplus_4k", (0.25, 0.35)),
-                            ("memplus_16k", (0.4, 0.5)), ("moe", (0.5, 0.1)))
-            for s, a in enumerate(accs, 1)]
+    rows = [{"model": m, "seed": s, "facts_acc": a, "facts_acc_half": a / 2, "last_quarter": a / 4, "facts_nll": n}
+            for m, accs, nlls in (("dense", (0.1, 0.2), (2.0, 2.0)), ("memplus_1k", (0.1, 0.3), (1.0, 0.6)),
+                                  ("memplus_4k", (0.25, 0.45), (0.7, 0.5)), ("memplus_16k", (0.5, 0.6), (0.2, 0.4)),
+                                  ("moe", (0.5, 0.1), (1.0, 1.0)))
+            for s, (a, n) in enumerate(zip(accs, nlls), 1)]
     text = bench_facts.headline(rows)
-    assert "1k 20.0% ± 10.0%, 4k 30.0% ± 5.0%, 16k 45.0% ± 5.0%" in text
-    assert "rises at 2 of 2 steps (target: every one), 1 of them beyond the seed spread" in text
-    assert "against dense 15.0% ± 5.0% at equal FLOPs per token: 3.0x" in text
+    assert "1k 20.0% ± 10.0%, 4k 35.0% ± 10.0%, 16k 55.0% ± 5.0%" in text
+    # 4k's mean is above 1k's best seed though its worst seed is not: the seeds' spreads may overlap
+    assert "rises at 2 of 2 steps (target: every one), 2 of them above the best seed of the size before" in text
+    assert "1k 0.800 (0.600-1.000), 4k 0.600 (0.500-0.700), 16k 0.300 (0.200-0.400); the mean falls at 2 of 2 " \
+           "steps, 1 of them with every seed below every seed of the size before" in text
+    assert "against dense 15.0% ± 5.0% at equal FLOPs per token: 3.7x" in text
     assert "higher at 1 of 2 seeds" in text
-    assert "dense +7.5, Memory+ (memplus_16k) +22.5" in text
+    assert "dense +7.5, Memory+ (memplus_16k) +27.5" in text
     assert "The widest seed spread: moe 30.0% ± 20.0%" in text
     assert "Dense gained +3.8 points of fact accuracy in the last quarter" in text
+    table = bench_facts.summary_table([{**r, "params": 1, "flops_per_token": 1, "facts_acc_heldout": 0.0} for r in rows])
+    assert "| memplus_4k | 2 | 1 | 1 | 35.0% ± 10.0% | 17.5% ± 5.0% | +8.8 | 0.0% ± 0.0% | 0.600 (0.500-0.700) |" in table
 
 
 def test_capacity_preset_trains_the_sweep_and_writes_table_and_plot(gpt2_bpe, tmp_path):

@@ -232,7 +232,7 @@ def summary_table(rows):
         lines.append(f"| {model} | {len(seeds)} | {by_key['params'][model][0]:,} | {by_key['flops_per_token'][model][0]:,} | "
                      f"{spread(by_key['facts_acc'][model])} | {spread(by_key['facts_acc_half'][model])} | "
                      f"{100 * mean(by_key['last_quarter'][model]):+.1f} | "
-                     f"{spread(by_key['facts_acc_heldout'][model])} | {mean(by_key['facts_nll'][model]):.3f} |")
+                     f"{spread(by_key['facts_acc_heldout'][model])} | {nll_range(by_key['facts_nll'][model])} |")
     return "\n".join(lines)
 
 
@@ -273,6 +273,11 @@ def spread(values):
     return f"{mean(values):.1%}" + (f" ± {(max(values) - min(values)) / 2:.1%}" if len(values) > 1 else "")
 
 
+def nll_range(values):
+    """mean (lowest-highest over seeds), as text: whether two models' answer NLLs overlap at any seed."""
+    return f"{mean(values):.3f}" + (f" ({min(values):.3f}-{max(values):.3f})" if len(values) > 1 else "")
+
+
 def headline(rows):
     """The paper's claims, checked on means over seeds: Memory+ against dense at equal FLOPs, dense 2x and 4x
     and the matched MoE; for a memory-size sweep, whether accuracy rises with size; whether dense has stopped."""
@@ -283,10 +288,15 @@ def headline(rows):
     if len(sweep) > 1:
         steps = list(zip(sweep, sweep[1:]))
         rising = sum(mean(acc[b]) > mean(acc[a]) for a, b in steps)
-        clear = sum(min(acc[b]) > max(acc[a]) for a, b in steps)
+        clear = sum(mean(acc[b]) > max(acc[a]) for a, b in steps)
         lines.append("- Fact accuracy by memory size: " + ", ".join(f"{m[8:]} {spread(acc[m])}" for m in sweep) +
                      f"; the mean rises at {rising} of {len(steps)} steps (target: every one), {clear} of them "
-                     "beyond the seed spread of the size before")
+                     "above the best seed of the size before")
+        falling = sum(mean(nll[b]) < mean(nll[a]) for a, b in steps)
+        apart = sum(max(nll[b]) < min(nll[a]) for a, b in steps)
+        lines.append("- Answer NLL by memory size: " + ", ".join(f"{m[8:]} {nll_range(nll[m])}" for m in sweep) +
+                     f"; the mean falls at {falling} of {len(steps)} steps, {apart} of them with every seed below "
+                     "every seed of the size before")
     if memory in acc and "dense" in acc:
         ratio = f"{mean(acc[memory]) / mean(acc['dense']):.1f}x" if mean(acc["dense"]) else "no ratio (dense at 0%)"
         lines.append(f"- Memory+ ({memory}) fact accuracy {spread(acc[memory])} against dense {spread(acc['dense'])} "
@@ -294,8 +304,8 @@ def headline(rows):
     for other in ("dense2x", "dense4x"):
         if memory in acc and other in acc:
             lines.append(f"- Memory+ ({memory}) against dense with {other[5:]} the FLOPs: fact accuracy "
-                         f"{mean(acc[memory]):.1%} against {spread(acc[other])}, answer NLL {mean(nll[memory]):.3f} "
-                         f"against {mean(nll[other]):.3f}")
+                         f"{spread(acc[memory])} against {spread(acc[other])}, answer NLL {nll_range(nll[memory])} "
+                         f"against {nll_range(nll[other])}")
     if memory in acc and "moe" in acc:
         seeds = list(zip(acc[memory], acc["moe"]))
         lines.append(f"- Memory+ ({memory}) fact accuracy {spread(acc[memory])} against {spread(acc['moe'])} for the MoE "
@@ -374,6 +384,7 @@ def plot_facts(rows, runs, path):
     for ax in axes[:2]:
         ax.set_xscale("linear" if by_share else "log")
         ax.set_xlabel("percent of the sparse parameters in Engram" if by_share else "total parameters")
+    axes[1].set_yscale("log")  # trained to the end, models differ by factors of NLL where accuracy is near 100%
     axes[2].set_xlabel("tokens seen")
     axes[0].legend(fontsize=8)
     axes[2].legend(fontsize=7, ncol=2)
