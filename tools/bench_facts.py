@@ -223,7 +223,8 @@ def markdown_table(rows):
 
 
 def summary_table(rows):
-    """One line per model: its sizes and the mean ± half the range of its scores over seeds."""
+    """One line per model: its sizes, the mean ± half the range of its accuracies over seeds and the range of its
+    answer NLL."""
     lines = ["| model | seeds | params | FLOPs/token | fact acc | acc at half | last quarter | held-out acc | answer NLL |",
              "|---|---|---|---|---|---|---|---|---|"]
     by_key = {key: by_model(rows, key) for key in ("seed", "params", "flops_per_token", "facts_acc", "facts_acc_half",
